@@ -1,0 +1,492 @@
+"""Train DDMI: stage 1 (the D2C-VAE of files 02-03), then stage 2 (latent diffusion, file 04).
+
+    python train.py --modality image                      # synthetic images, ~10 min on a 2-core CPU
+    python train.py --modality image --data ./celebahq --preset paper --device cuda
+    python train.py --modality image --stage vae --out runs/faces --data ./faces
+    python train.py --modality image --stage ldm --out runs/faces       # stage 2 on that VAE
+    python train.py --out runs/faces --resume                            # continue where it stopped
+
+Everything a run produces goes to its folder (--out): ckpt.pt, losses.png, recon.png,
+samples.png and metrics.json. The folder of an existing run is never overwritten unless
+--resume (continue it) or --overwrite (start again) is given.
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+inr = importlib.import_module("01_inr")
+V = importlib.import_module("02_d2c_vae")
+LDM = importlib.import_module("04_latent_diffusion")
+M = importlib.import_module("05_modalities")
+
+
+@dataclass
+class Config:
+    # -- what and where ------------------------------------------------------------------
+    modality: str = "image"  # a key of MODALITIES in 05_modalities.py
+    data: str = ""  # dataset path; empty: the modality's built-in synthetic data
+    out: str = ""  # run folder; empty: runs/<modality>
+    stage: str = "all"  # vae (stage 1), ldm (stage 2 on the run's VAE) or all
+    preset: str = "tiny"  # model/training sizes from the modality's presets: tiny or paper
+    seed: int = 0  # seeds the model, the data split and the data order
+    device: str = ""  # cpu or cuda; empty: cuda when available
+    resume: bool = False  # continue the run in --out where it stopped
+    overwrite: bool = False  # start again in an --out that already holds a run
+    # -- both stages ---------------------------------------------------------------------
+    steps: int = 0  # optimiser steps per stage; 0: the preset's vae_steps / ldm_steps
+    max_minutes: float = 0.0  # wall-clock bound per stage (the schedules shrink to fit); 0: none
+    resolution: int = 0  # training resolution R; 0: the preset's
+    batch_size: int = 0  # stage-1 batch; 0: the preset's
+    val_fraction: float = 0.1  # share of a data folder held out for validation
+    log_every: int = 50  # steps between progress lines
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    # -- stage 1: the D2C-VAE (files 02, 03) ----------------------------------------------
+    variant: str = "hdbf_cfc"  # decoder/read-out: single, hdbf_concat or hdbf_cfc (file 03)
+    coords_per_item: int = -1  # K query coordinates per item and step; 0: all; -1: the preset's
+    z_ch: int = 0  # latent channels Z
+    enc_ch: int = 0  # base channels of the encoder and decoder
+    enc_mult: tuple = ()  # channel multiplier per level; len - 1 = number of 2x downsamplings
+    field_ch: int = 0  # channels of each basis field
+    mlp_hidden: int = 0  # width of the read-out MLP
+    mlp_layers: int = 0  # linear layers of the read-out MLP
+    lambda_z: float = -1.0  # KL weight, reached after 90% of stage 1; -1: the preset's
+    vae_steps: int = 0  # (preset) default stage-1 steps
+    vae_lr: float = 0.0  # Adam learning rate, stage 1
+    # -- stage 2: latent diffusion (file 04) ----------------------------------------------
+    ldm_ch: int = 0  # UNet base channels
+    ldm_mult: tuple = ()  # UNet channel multiplier per level
+    ldm_attn: tuple = ()  # UNet levels with self-attention
+    ldm_steps: int = 0  # (preset) default stage-2 steps
+    ldm_batch: int = 0  # stage-2 batch
+    ldm_lr: float = 0.0  # Adam learning rate, stage 2
+    ema_decay: float = 0.0  # EMA of the UNet weights, used for sampling
+    p_uncond: float = 0.1  # label dropout for classifier-free guidance (labelled data only)
+    sample_steps: int = 50  # DDIM steps for the sample sheet
+
+
+# Flags that may differ from the saved config when a run is continued.
+RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every"}
+
+
+def parse_config(argv):
+    """Config from defaults <- preset <- command line; unknown flags are errors (argparse)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true")
+        elif f.type is tuple:
+            p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), metavar="A,B,..")
+        else:
+            p.add_argument(flag, type=f.type)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
+    cfg = dataclasses.asdict(Config())
+    modality = given.get("modality", cfg["modality"])
+    if modality not in M.MODALITIES:
+        raise SystemExit(f"--modality {modality}: unknown; expected one of {', '.join(M.MODALITIES)}")
+    presets = M.MODALITIES[modality].presets
+    preset = given.get("preset", cfg["preset"])
+    if preset not in presets:
+        raise SystemExit(f"--preset {preset}: unknown; expected one of {', '.join(presets)}")
+    cfg.update(presets[preset])
+    cfg.update(given)
+    for name in ("resolution", "batch_size", "log_every", "ckpt_every", "steps", "max_minutes"):
+        low = 1 if name in ("resolution", "batch_size", "log_every", "ckpt_every") else 0
+        if name in given and given[name] < low:
+            raise SystemExit(f"--{name.replace('_', '-')} {given[name]}: expected a number >= {low}")
+    if cfg["stage"] not in ("vae", "ldm", "all"):
+        raise SystemExit(f"--stage {cfg['stage']}: expected vae, ldm or all")
+    if cfg["resolution"] % 2 ** (len(cfg["enc_mult"]) - 1 + len(cfg["ldm_mult"]) - 1):
+        raise SystemExit(f"--resolution {cfg['resolution']}: must be divisible by "
+                         f"{2 ** (len(cfg['enc_mult']) - 1 + len(cfg['ldm_mult']) - 1)} (encoder and UNet downsampling)")
+    cfg["out"] = cfg["out"] or os.path.join("runs", modality)
+    cfg["data"] = cfg["data"] or None
+    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return cfg, given
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: a dict of state_dicts + the plain config dict + steps + RNG states
+# ----------------------------------------------------------------------------------------
+def save_checkpoint(state, path):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken ckpt."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, modality=None, preset=None):
+    """torch.load(weights_only=True) with one-line errors for the usual mistakes."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: not a DDMI checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or "config" not in ck or "stage1" not in ck:
+        raise SystemExit(f"{path}: not a DDMI checkpoint (no config/stage1 entries)")
+    cfg = ck["config"]
+    if modality is not None and cfg["modality"] != modality:
+        raise SystemExit(f"{path}: checkpoint of modality {cfg['modality']!r}, but --modality {modality} was given")
+    if preset is not None and cfg["preset"] != preset:
+        raise SystemExit(f"{path}: checkpoint of preset {cfg['preset']!r}, but --preset {preset} was given")
+    return ck
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------------------
+# Small helpers: progress, plots
+# ----------------------------------------------------------------------------------------
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Budget:
+    """Steps of a stage, bounded by --steps and --max-minutes.
+
+    With a time bound, the planned number of steps (which the KL annealing follows) is
+    fixed after `probe` steps from the measured speed, then kept (also across --resume).
+    """
+
+    def __init__(self, steps, max_minutes, plan=None, probe=20):
+        self.steps, self.seconds, self.plan, self.probe = steps, max_minutes * 60, plan, probe
+        self.t0, self.start_step = time.time(), None
+
+    def planned(self, step):
+        if self.plan is None:
+            if self.start_step is None:
+                self.start_step, self.t0 = step, time.time()
+            if not self.seconds:
+                self.plan = self.steps
+            elif step - self.start_step >= self.probe:
+                rate = (step - self.start_step) / (time.time() - self.t0)
+                self.plan = min(self.steps, step + int(rate * (self.seconds - (time.time() - self.t0))))
+        return self.plan if self.plan is not None else self.steps
+
+    def done(self, step):
+        out_of_time = self.seconds and time.time() - self.t0 > self.seconds
+        return step >= self.planned(step) or out_of_time
+
+
+def progress(tag, step, total, terms, t0, step0):
+    rate = (step - step0) / max(time.time() - t0, 1e-9)
+    eta = (total - step) / rate if rate > 0 else 0
+    losses = "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
+    print(f"[{tag}] step {step:6d}/{total}  {losses}  {rate:.2f} it/s  ETA {fmt_time(eta)}", flush=True)
+
+
+def plot_losses(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [(k, v) for k, v in history.items() if v]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5), squeeze=False)
+    for ax, (name, points) in zip(axes[0], stages):
+        steps, values = zip(*points)
+        ax.plot(steps, values, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title({"stage1": "stage 1: reconstruction (L1)", "stage2": "stage 2: diffusion loss"}.get(name, name))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def write_metrics(run, metrics):
+    path = os.path.join(run, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 1: the D2C-VAE
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_vae(mod, vae, val, cfg, device):
+    """Validation PSNR at the training resolution, reconstructing from the posterior mean."""
+    vae.eval()
+    scores, rec = [], []
+    for i in range(0, len(val["x"]), 64):
+        x = mod.to_signal(val["x"][i:i + 64].to(device))
+        r = mod.render(vae, vae.decode(vae.encode(x).mean), cfg["resolution"])
+        scores.append(inr.psnr(r, x) * len(x))
+        rec.append(r.cpu())
+    vae.train()
+    return sum(scores) / len(val["x"]), torch.cat(rec)
+
+
+def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
+    s1 = state["stage1"]
+    budget = Budget(cfg["steps"] or cfg["vae_steps"], cfg["max_minutes"], plan=s1.get("plan"))
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # data order and query coordinates
+    if "generator" in s1:
+        gen.set_state(s1["generator"])
+    n, K = len(train["x"]), cfg["coords_per_item"]
+    D_x = train["x"][0].numel()  # values per item, the ELBO's scaling (file 02)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step, t0, step0 = s1["step"], time.time(), s1["step"]
+    window = []
+    vae.train()
+    try:
+        while not budget.done(step):
+            idx = torch.randint(n, (cfg["batch_size"],), generator=gen)
+            x = mod.to_signal(train["x"][idx].to(device, non_blocking=True))
+            coords, target = mod.queries(x, K, gen)
+            lam = V.kl_weight(step, budget.planned(step), cfg["lambda_z"])
+            with amp:
+                terms = V.elbo_loss(vae, x, coords, target, lam, D_x, mod.recon)
+            if not torch.isfinite(terms["loss"]):
+                raise SystemExit(f"stage 1, step {step}: non-finite loss (recon {terms['recon'].item():.4g}, "
+                                 f"kl {terms['kl'].item():.4g}); the last checkpoint is intact")
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            step += 1
+            window.append(terms["recon"].item())
+            if step % cfg["log_every"] == 0 or budget.done(step):
+                s1["history"].append((step, sum(window) / len(window)))
+                progress("vae", step, budget.planned(step), {"recon": window[-1], "kl/D_x": terms["kl"].item(),
+                                                            "lambda_z": lam}, t0, step0)
+                window = []
+            if step % cfg["ckpt_every"] == 0 or budget.done(step):
+                s1.update(step=step, plan=budget.plan, generator=gen.get_state(), vae=vae.state_dict(),
+                          opt=opt.state_dict())
+                ckpt()
+    except KeyboardInterrupt:  # keep the steps finished so far, then let main() save
+        s1.update(step=step, plan=budget.plan, generator=gen.get_state(), vae=vae.state_dict(), opt=opt.state_dict())
+        raise
+    psnr, rec = evaluate_vae(mod, vae, val, cfg, device)
+    s1.update(done=True, val_psnr=psnr, step=step, vae=vae.state_dict(), opt=opt.state_dict(),
+              generator=gen.get_state(), plan=budget.plan)
+    print(f"[vae] done after {step} steps: validation PSNR {psnr:.2f} dB ({len(val['x'])} held-out items)")
+    return rec
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 2: latent diffusion on the frozen VAE's latents
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_dataset(mod, vae, x, device, batch=64):
+    """Posterior mean and std of every training item: z ~ q(z|x) is redrawn at every step."""
+    vae.eval()
+    means, stds = [], []
+    for i in range(0, len(x), batch):
+        q = vae.encode(mod.to_signal(x[i:i + batch].to(device)))
+        means.append(q.mean.float().cpu())
+        stds.append(q.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def build_ldm(cfg, mod, num_classes):
+    C, H, W = mod.latent_shape(cfg)
+    unet = LDM.UNet(C, cfg["ldm_ch"], tuple(cfg["ldm_mult"]), attn_levels=tuple(cfg["ldm_attn"]),
+                    num_classes=num_classes)
+    return LDM.LatentDiffusion(unet, LDM.NoiseSchedule(), num_classes, cfg["p_uncond"])
+
+
+def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
+    s2 = state["stage2"]
+    mean, std = encode_dataset(mod, vae, train["x"], device)  # (n, Z, h, w) each
+    if "scale_factor" not in s2:
+        # scale factor 1 / std(z) from latents z ~ q(z|x), so the diffusion sees unit variance
+        s2["scale_factor"] = LDM.estimate_scale_factor(mean + std * torch.randn_like(std))
+    scale = s2["scale_factor"]
+    print(f"[ldm] {len(mean)} latents of shape {tuple(mean.shape[1:])}, scale factor {scale:.4f}")
+    labels = train["label"]
+    budget = Budget(cfg["steps"] or cfg["ldm_steps"], cfg["max_minutes"], plan=s2.get("plan"))
+    gen = torch.Generator().manual_seed(cfg["seed"] + 2)
+    if "generator" in s2:
+        gen.set_state(s2["generator"])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step, t0, step0, window = s2["step"], time.time(), s2["step"], []
+    ldm.train()
+    try:
+        while not budget.done(step):
+            idx = torch.randint(len(mean), (cfg["ldm_batch"],), generator=gen)
+            eps = torch.randn(mean[idx].shape, generator=gen)
+            # z_0 ~ q(z|x) = mu + sigma * eps, multiplied by the scale factor
+            z0 = ((mean[idx] + std[idx] * eps) * scale).to(device)
+            y = labels[idx].to(device) if labels is not None else None
+            with amp:
+                loss = ldm.loss(z0, y)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"stage 2, step {step}: non-finite diffusion loss; the last checkpoint is intact")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update(ldm)
+            step += 1
+            window.append(loss.item())
+            if step % cfg["log_every"] == 0 or budget.done(step):
+                s2["history"].append((step, sum(window) / len(window)))
+                s2["recent_loss"] = s2["history"][-1][1]
+                progress("ldm", step, budget.planned(step), {"loss": window[-1]}, t0, step0)
+                window = []
+            if step % cfg["ckpt_every"] == 0 or budget.done(step):
+                s2.update(step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
+                          ema=ema.state_dict(), opt=opt.state_dict())
+                ckpt()
+    except KeyboardInterrupt:  # keep the steps finished so far, then let main() save
+        s2.update(step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
+                  ema=ema.state_dict(), opt=opt.state_dict())
+        raise
+    s2.update(done=True, step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
+              ema=ema.state_dict(), opt=opt.state_dict())
+
+
+@torch.no_grad()
+def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0):
+    """Decode n EMA samples per class (or 2n unconditional ones) and write them as a PNG sheet."""
+    device = next(vae.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    rows, names = [], []
+    for label in (range(num_classes) if num_classes else [None, None]):
+        y = torch.full((n,), label, dtype=torch.long) if label is not None else None
+        z = ema_model.sample((n, *mod.latent_shape(cfg)), steps=cfg["sample_steps"], y=y, generator=g)
+        rows.append(mod.render(vae, vae.decode(z / scale), cfg["resolution"]).cpu())
+        names.append(f"class {label}" if label is not None else "")
+    mod.write_sheet(rows, path, names, f"DDMI samples ({cfg['sample_steps']} DDIM steps, EMA weights)")
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg, given = parse_config(sys.argv[1:] if argv is None else argv)
+    run = cfg["out"]
+    ckpt_path = os.path.join(run, "ckpt.pt")
+    exists = os.path.exists(ckpt_path)
+    state = None
+    if cfg["resume"] or (cfg["stage"] == "ldm" and exists and not cfg["overwrite"]):
+        if not exists:
+            raise SystemExit(f"--out {run}: no ckpt.pt to continue from (train stage 1 there first)")
+        ck = load_checkpoint(ckpt_path, given.get("modality"), given.get("preset"))
+        saved = ck["config"]
+        # the run's own config wins; only flags about how long / where to run may change
+        clash = [k for k in given if k not in RESUME_FLAGS and given[k] != saved.get(k)]
+        if clash:
+            raise SystemExit(f"--{clash[0].replace('_', '-')}: differs from the run in {run} "
+                             f"({saved.get(clash[0])!r}); start a new --out instead")
+        cfg = {**saved, **{k: cfg[k] for k in RESUME_FLAGS}}
+        state = ck
+        print(f"continuing {run}: stage 1 at step {ck['stage1']['step']}, stage 2 at step {ck['stage2']['step']}")
+    elif cfg["stage"] == "ldm":
+        raise SystemExit(f"--stage ldm: no trained VAE in {run} (run --stage vae with the same --out first)")
+    elif os.path.exists(run) and os.listdir(run) and not cfg["overwrite"]:
+        raise SystemExit(f"--out {run}: folder exists and is not empty; use --resume to continue it, "
+                         f"--overwrite to start again, or another --out")
+    try:
+        os.makedirs(run, exist_ok=True)
+        probe = os.path.join(run, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {run}: cannot write there ({e.strerror})")
+
+    print("config: " + ", ".join(f"{k}={cfg[k]}" for k in given if k in cfg))
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])
+    mod = M.MODALITIES[cfg["modality"]]
+    t_load = time.time()
+    train, val, num_classes = mod.load(cfg["data"], cfg["resolution"], cfg["val_fraction"], cfg["seed"])
+    print(f"data: {len(train['x'])} training and {len(val['x'])} validation items "
+          f"({cfg['data'] or 'built-in synthetic'}, {cfg['resolution']}x{cfg['resolution']}, {time.time() - t_load:.0f} s)")
+
+    vae = mod.build_vae(cfg).to(device)
+    vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg["vae_lr"])
+    ldm = build_ldm(cfg, mod, num_classes).to(device)
+    ema = LDM.EMA(ldm, cfg["ema_decay"])
+    ldm_opt = torch.optim.Adam(ldm.parameters(), lr=cfg["ldm_lr"])
+    if state is None:
+        state = {"config": cfg, "num_classes": num_classes,
+                 "stage1": {"step": 0, "history": []}, "stage2": {"step": 0, "history": []}}
+    else:
+        if "vae" in state["stage1"]:
+            vae.load_state_dict(state["stage1"]["vae"])
+            vae_opt.load_state_dict(state["stage1"]["opt"])
+        if "ldm" in state["stage2"]:
+            ldm.load_state_dict(state["stage2"]["ldm"])
+            ema.load_state_dict(state["stage2"]["ema"])
+            ldm_opt.load_state_dict(state["stage2"]["opt"])
+        set_rng_state(state["rng"])
+    state["config"] = cfg
+    n1 = sum(p.numel() for p in vae.parameters())
+    n2 = sum(p.numel() for p in ldm.parameters())
+    print(f"model: D2C-VAE ({cfg['variant']}) {n1 / 1e6:.2f}M parameters, UNet {n2 / 1e6:.2f}M; latent "
+          f"{mod.latent_shape(cfg)}; device {device}")
+
+    def ckpt():
+        state["rng"] = rng_state()
+        save_checkpoint(state, ckpt_path)
+
+    def metrics():
+        out = {"stage1": {"val_psnr": state["stage1"].get("val_psnr"), "steps": state["stage1"]["step"]},
+               "stage2": {"steps": state["stage2"]["step"], "loss": state["stage2"].get("recent_loss")},
+               "config": cfg}
+        write_metrics(run, out)
+        plot_losses({"stage1": state["stage1"]["history"], "stage2": state["stage2"]["history"]},
+                    os.path.join(run, "losses.png"))
+
+    try:
+        if cfg["stage"] in ("vae", "all") and not state["stage1"].get("done"):
+            t = time.time()
+            rec = train_vae(cfg, mod, vae, vae_opt, state, train, val, device, ckpt)
+            ckpt()
+            x = mod.to_signal(val["x"][:8])
+            mod.write_sheet([x, rec[:8]], os.path.join(run, "recon.png"), ["held out", "reconstructed"],
+                            f"stage 1 after {state['stage1']['step']} steps: "
+                            f"{state['stage1']['val_psnr']:.2f} dB on held-out data")
+            metrics()
+            print(f"[vae] {fmt_time(time.time() - t)}; wrote {ckpt_path}, {run}/recon.png")
+        if cfg["stage"] in ("ldm", "all"):
+            if not state["stage1"].get("done"):
+                raise SystemExit(f"--stage ldm: stage 1 in {run} is not finished; continue it with --resume first")
+            vae.requires_grad_(False)
+            if not state["stage2"].get("done"):
+                t = time.time()
+                train_ldm(cfg, mod, vae, ldm, ema, ldm_opt, state, train, device, ckpt)
+                ckpt()
+                print(f"[ldm] {fmt_time(time.time() - t)}; wrote {ckpt_path}")
+            sample_sheet(cfg, mod, vae, ema.model, state["stage2"]["scale_factor"], num_classes,
+                         os.path.join(run, "samples.png"), seed=cfg["seed"])
+            metrics()
+            print(f"wrote {run}/samples.png")
+    except KeyboardInterrupt:
+        ckpt()
+        metrics()
+        print(f"\ninterrupted: saved {ckpt_path}; continue with: python train.py --out {run} --resume")
+        sys.exit(130)
+    metrics()
+    print(f"metrics: {json.dumps({k: v for k, v in json.load(open(os.path.join(run, 'metrics.json'))).items() if k != 'config'})}")
+
+
+if __name__ == "__main__":
+    main()
