@@ -392,7 +392,8 @@ def main(argv=None):
         if clash:
             raise SystemExit(f"--{clash[0].replace('_', '-')}: differs from the run in {run} "
                              f"({saved.get(clash[0])!r}); start a new --out instead")
-        cfg = {**saved, **{k: cfg[k] for k in RESUME_FLAGS}}
+        # flags given now win; the device is re-detected (a GPU run may continue on a CPU)
+        cfg = {**saved, **{k: cfg[k] for k in RESUME_FLAGS if k in given or k in ("out", "device", "resume")}}
         state = ck
         print(f"continuing {run}: stage 1 at step {ck['stage1']['step']}, stage 2 at step {ck['stage2']['step']}")
     elif cfg["stage"] == "ldm":

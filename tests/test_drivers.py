@@ -1,0 +1,138 @@
+"""train.py and sample.py end to end on a tiny run: files, reloading, determinism, refusals.
+
+These double as usage examples: each call below is what a user types, as a list of flags.
+"""
+import importlib
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+inr = importlib.import_module("01_inr")
+M = importlib.import_module("05_modalities")
+train = importlib.import_module("train")
+sample = importlib.import_module("sample")
+
+# A model small enough to train in seconds: 16x16 images, a 2x4x4 latent.
+TINY = ["--modality", "image", "--resolution", "16", "--batch-size", "4", "--z-ch", "2", "--enc-ch", "8",
+        "--field-ch", "4", "--mlp-hidden", "16", "--ldm-ch", "16", "--ldm-batch", "8", "--steps", "4",
+        "--sample-steps", "2", "--log-every", "2", "--ckpt-every", "2"]
+
+
+@pytest.fixture(autouse=True)
+def small_synthetic(monkeypatch):
+    # the built-in dataset, shrunk so that generating it takes no time
+    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_train", 32)
+    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_val", 8)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One complete tiny run (both stages), shared by the tests that only read it."""
+    out = str(tmp_path_factory.mktemp("run") / "r")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(M.MODALITIES["image"], "synthetic_train", 32)
+    mp.setattr(M.MODALITIES["image"], "synthetic_val", 8)
+    train.main(TINY + ["--out", out])
+    mp.undo()
+    return out
+
+
+def test_train_writes_its_files(run):
+    for name in ("ckpt.pt", "losses.png", "recon.png", "samples.png", "metrics.json"):
+        assert os.path.getsize(os.path.join(run, name)) > 0, name
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert m["stage1"]["steps"] == 4 and m["stage2"]["steps"] == 4
+    assert 0 < m["stage1"]["val_psnr"] < 60 and m["stage2"]["loss"] > 0
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")], "a temporary file was left behind"
+
+
+def test_checkpoint_reloads_and_reproduces_validation_psnr(run):
+    ck = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)  # plain tensors and containers only
+    assert ck["config"]["modality"] == "image" and ck["stage1"]["done"] and ck["stage2"]["done"]
+    _, cfg, mod, vae, ldm = sample.load_run(os.path.join(run, "ckpt.pt"), torch.device("cpu"))
+    assert ldm is not None
+    _, val, _ = mod.load(None, cfg["resolution"], seed=cfg["seed"])
+    psnr, _ = train.evaluate_vae(mod, vae, val, cfg, torch.device("cpu"))
+    assert psnr == pytest.approx(ck["stage1"]["val_psnr"], abs=1e-4)
+
+
+def test_same_seed_same_samples(run, tmp_path):
+    args = ["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "3", "--steps", "3", "--resolution", "8,16,24"]
+    a = sample.main(args + ["--seed", "5", "--out", str(tmp_path / "a.png")])
+    b = sample.main(args + ["--seed", "5", "--out", str(tmp_path / "b.png")])
+    c = sample.main(args + ["--seed", "6", "--out", str(tmp_path / "c.png")])
+    assert [r.shape for r in a] == [(3, 3, 8, 8), (3, 3, 16, 16), (3, 3, 24, 24)]
+    for ra, rb in zip(a, b):
+        assert torch.equal(ra, rb)
+    assert not torch.equal(a[1], c[1])
+    assert os.path.getsize(tmp_path / "a.png") > 0
+
+
+def test_guided_sampling_of_one_class(run, tmp_path):
+    rows = sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--steps", "2", "--label", "1",
+                        "--guidance", "3", "--sampler", "ddpm", "--out", str(tmp_path / "g.png")])
+    assert rows[0].shape == (2, 3, 16, 16) and torch.isfinite(rows[0]).all()
+    with pytest.raises(SystemExit, match="--label 7"):
+        sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--label", "7"])
+
+
+def _write_images(folder, n=6):
+    """A folder with RGB, greyscale and RGBA PNGs of different sizes, in a sub-folder too."""
+    os.makedirs(os.path.join(folder, "sub"))
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        shape = [(20, 30, 3), (24, 24), (18, 22, 4)][i % 3]
+        where = folder if i % 2 else os.path.join(folder, "sub")
+        matplotlib.image.imsave(os.path.join(where, f"im{i}.png"), rng.random(shape), cmap="gray")
+
+
+def test_reconstruct_a_folder_prints_psnr(run, tmp_path, capsys):
+    folder = str(tmp_path / "imgs")
+    _write_images(folder)
+    sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--reconstruct", folder, "--resolution", "16,32",
+                 "--out", str(tmp_path / "rec.png")])
+    out = capsys.readouterr().out
+    assert "resolution 16: mean PSNR" in out and "resolution 32: mean PSNR" in out and "over 6 items" in out
+    assert os.path.getsize(tmp_path / "rec.png") > 0
+
+
+def test_read_image_handles_grey_rgba_and_crops(tmp_path):
+    grey = np.tile(np.linspace(0, 1, 40), (20, 1))  # (20, 40): a horizontal ramp
+    matplotlib.image.imsave(tmp_path / "g.png", grey, cmap="gray", vmin=0, vmax=1)
+    x = M.read_image(str(tmp_path / "g.png"), 10)
+    assert x.shape == (3, 10, 10) and x.dtype == torch.uint8
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])  # grey -> equal channels
+    # centre crop keeps the middle half of the ramp: columns 10..29 of 40, values ~0.25..0.75
+    assert 50 < x[0, 5, 0] < 80 and 175 < x[0, 5, -1] < 205
+
+
+def test_vae_then_ldm_in_two_calls(tmp_path):
+    out = str(tmp_path / "r")
+    train.main(TINY + ["--out", out, "--stage", "vae"])
+    assert "ema" not in torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["stage2"]
+    with pytest.raises(SystemExit, match="no stage-2"):  # a stage-1 checkpoint cannot sample...
+        sample.main(["--ckpt", os.path.join(out, "ckpt.pt")])
+    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--reconstruct", "synthetic", "--n", "4",
+                 "--out", str(tmp_path / "rec.png")])  # ...but it can reconstruct
+    train.main(["--out", out, "--stage", "ldm"])
+    assert os.path.exists(os.path.join(out, "samples.png"))
+
+
+def test_refusals_are_one_line_errors(run, tmp_path):
+    with pytest.raises(SystemExit, match="exists and is not empty"):  # never overwrite a run
+        train.main(TINY + ["--out", run])
+    with pytest.raises(SystemExit, match="preset 'tiny'"):  # another preset's checkpoint
+        train.main(["--out", run, "--resume", "--preset", "paper"])
+    with pytest.raises(SystemExit, match="--resolution 0"):
+        train.main(["--resolution", "0", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not a folder"):
+        train.main(TINY + ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "y")])
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="not a DDMI checkpoint"):
+        sample.main(["--ckpt", str(bad)])
