@@ -270,7 +270,7 @@ if __name__ == "__main__":
     results["learned plane"] = fit(lambda c: bilinear_lookup(Xi, c[None])[0], mlp, [Xi, *mlp.parameters()], lr=3e-2)
 
     os.makedirs("out", exist_ok=True)
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.9))
     show = lambda ax, im, title: (ax.imshow((im[0].permute(1, 2, 0).clamp(-1, 1) + 1) / 2), ax.set_title(title), ax.axis("off"))
     show(axes[0], image, "ground truth")
     for ax, (name, (value, out, n_params, secs)) in zip(axes[1:], results.items()):

@@ -114,7 +114,7 @@ def reconstruct(a, ck, cfg, mod, vae, device, resolutions):
 
 
 @torch.no_grad()
-def sample(a, ck, cfg, mod, vae, ldm, device, resolutions):
+def sample(a, ck, cfg, mod, vae, ldm, device, resolutions, write=True):
     if ldm is None:
         raise SystemExit(f"{a.ckpt}: has no stage-2 (diffusion) weights; train with --stage ldm, or use --reconstruct")
     K = ck["num_classes"]
@@ -129,6 +129,8 @@ def sample(a, ck, cfg, mod, vae, ldm, device, resolutions):
                    guidance=a.guidance, generator=g)
     fields = vae.decode(z / ck["stage2"]["scale_factor"])  # undo the latent scale factor
     rows = [mod.render(vae, fields, R).cpu() for R in resolutions]  # the same INRs at every R
+    if not write:
+        return rows
     print(f"sampled {a.n} latents ({a.sampler}, {a.steps} steps) and rendered at {resolutions} in {time.time() - t0:.1f} s")
     out = a.out or os.path.join(os.path.dirname(a.ckpt), "sample.png")
     mod.write_sheet(rows, out, [f"{R}x{R}" for R in resolutions],
