@@ -424,7 +424,7 @@ def main(argv=None):
     vae = mod.build_vae(cfg).to(device)
     vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg["vae_lr"])
     ldm = build_ldm(cfg, mod, num_classes).to(device)
-    ema = LDM.EMA(ldm, cfg["ema_decay"])
+    ema = LDM.EMA(ldm, cfg["ema_decay"], warmup=True)
     ldm_opt = torch.optim.Adam(ldm.parameters(), lr=cfg["ldm_lr"])
     if state is None:
         state = {"config": cfg, "num_classes": num_classes,
@@ -436,6 +436,7 @@ def main(argv=None):
         if "ldm" in state["stage2"]:
             ldm.load_state_dict(state["stage2"]["ldm"])
             ema.load_state_dict(state["stage2"]["ema"])
+            ema.num_updates = state["stage2"]["step"]
             ldm_opt.load_state_dict(state["stage2"]["opt"])
         set_rng_state(state["rng"])
     state["config"] = cfg

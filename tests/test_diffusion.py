@@ -263,3 +263,19 @@ def test_estimate_scale_factor_gives_unit_std():
     assert isinstance(f, float)
     assert abs((z * f).std().item() - 1.0) < 1e-6
     assert abs(f - 1 / 3.7) < 0.01
+
+
+def test_ema_warmup_decay():
+    model = nn.Linear(2, 2)
+    ema = D.EMA(model, decay=0.999, warmup=True)
+    for n in range(3):
+        old = ema.model.weight.clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        d = (1 + n) / (10 + n)  # below 0.999 early on
+        assert torch.allclose(ema.model.weight, d * old + (1 - d) * model.weight)
+    ema.num_updates = 10_000  # late in training the constant decay takes over
+    old = ema.model.weight.clone()
+    ema.update(model)
+    assert torch.allclose(ema.model.weight, 0.999 * old + 0.001 * model.weight)
