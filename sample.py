@@ -40,8 +40,8 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a run")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--resolution", type=positive_ints, default=None, help="R or R1,R2,...: render sizes")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps; default: the run's sample_steps")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="class to sample (labelled data only)")
@@ -52,7 +52,7 @@ def parse_args(argv):
     a = p.parse_args(argv)
     if a.n < 1:
         p.error(f"--n {a.n}: expected a positive number")
-    if not 1 <= a.steps <= 1000:
+    if a.steps is not None and not 1 <= a.steps <= 1000:
         p.error(f"--steps {a.steps}: expected 1..1000")
     return a
 
@@ -124,6 +124,7 @@ def sample(a, ck, cfg, mod, vae, ldm, device, resolutions, write=True):
     if K:  # a given class, or the classes in turn
         y = torch.full((a.n,), a.label) if a.label is not None else torch.arange(a.n) % K
     g = torch.Generator().manual_seed(a.seed)
+    a.sampler, a.steps = a.sampler or cfg.get("sampler", "ddim"), a.steps or cfg.get("sample_steps", 50)
     t0 = time.time()
     z = ldm.sample((a.n, *mod.latent_shape(cfg)), steps=a.steps, sampler=a.sampler, eta=a.eta, y=y,
                    guidance=a.guidance, generator=g)

@@ -69,11 +69,13 @@ class Config:
     ldm_lr: float = 0.0  # Adam learning rate, stage 2
     ema_decay: float = 0.0  # EMA of the UNet weights, used for sampling
     p_uncond: float = 0.1  # label dropout for classifier-free guidance (labelled data only)
-    sample_steps: int = 50  # DDIM steps for the sample sheet
+    sampler: str = ""  # ddim or ddpm, for the sample sheet and sample.py's default; empty: the preset's
+    sample_steps: int = 0  # denoising steps of that sampler; 0: the preset's
 
 
 # Flags that may differ from the saved config when a run is continued.
-RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every"}
+RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every",
+                "sampler", "sample_steps"}
 
 
 def parse_config(argv):
@@ -102,6 +104,8 @@ def parse_config(argv):
         low = 1 if name in ("resolution", "batch_size", "log_every", "ckpt_every") else 0
         if name in given and given[name] < low:
             raise SystemExit(f"--{name.replace('_', '-')} {given[name]}: expected a number >= {low}")
+    if cfg["sampler"] not in ("ddim", "ddpm"):
+        raise SystemExit(f"--sampler {cfg['sampler']}: expected ddim or ddpm")
     if cfg["stage"] not in ("vae", "ldm", "all"):
         raise SystemExit(f"--stage {cfg['stage']}: expected vae, ldm or all")
     if cfg["resolution"] % 2 ** (len(cfg["enc_mult"]) - 1 + len(cfg["ldm_mult"]) - 1):
@@ -367,10 +371,11 @@ def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0
     rows, names = [], []
     for label in (range(num_classes) if num_classes else [None, None]):
         y = torch.full((n,), label, dtype=torch.long) if label is not None else None
-        z = ema_model.sample((n, *mod.latent_shape(cfg)), steps=cfg["sample_steps"], y=y, generator=g)
+        z = ema_model.sample((n, *mod.latent_shape(cfg)), steps=cfg["sample_steps"], sampler=cfg["sampler"],
+                             y=y, generator=g)
         rows.append(mod.render(vae, vae.decode(z / scale), cfg["resolution"]).cpu())
         names.append(f"class {label}" if label is not None else "")
-    mod.write_sheet(rows, path, names, f"DDMI samples ({cfg['sample_steps']} DDIM steps, EMA weights)")
+    mod.write_sheet(rows, path, names, f"DDMI samples ({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def main():
     p.add_argument("--fake", help="folder of generated images (instead of --ckpt)")
     p.add_argument("--ckpt", help="a run's ckpt.pt: sample --n images from it")
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=0, help="sampling steps; default: the run's")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=0, help="size images are read at; default: the run's")
     a = p.parse_args()
@@ -101,10 +102,12 @@ def main():
         R = cfg["resolution"]
         fakes = []
         for i in range(0, a.n, 100):
-            args = S.parse_args(["--ckpt", a.ckpt, "--n", str(min(100, a.n - i)), "--steps", str(a.steps),
-                                 "--seed", str(a.seed + i)])
+            flags = ["--ckpt", a.ckpt, "--n", str(min(100, a.n - i)), "--seed", str(a.seed + i)]
+            flags += (["--steps", str(a.steps)] if a.steps else []) + (["--sampler", a.sampler] if a.sampler else [])
+            args = S.parse_args(flags)
             fakes.append(S.sample(args, ck, cfg, mod, vae, ldm, torch.device("cpu"), [R], write=False)[0])
         fake = torch.cat(fakes)
+        how = f"{args.sampler}, {args.steps} steps"
     else:
         if a.resolution < 1:
             raise SystemExit("--resolution: give the size both folders are read at (e.g. 64)")
@@ -113,7 +116,7 @@ def main():
     real = folder_images(a.real, a.resolution or R)
     fid = frechet_distance(features(net, real), features(net, fake))
     print(f"FID {fid:.2f}  ({len(real)} real from {a.real}, {len(fake)} generated"
-          f"{' from ' + a.ckpt if a.ckpt else ' from ' + a.fake}, {a.steps} DDIM steps)" if a.ckpt else
+          f" from {a.ckpt}, {how})" if a.ckpt else
           f"FID {fid:.2f}  ({len(real)} images in {a.real}, {len(fake)} in {a.fake})")
 
 

@@ -19,7 +19,7 @@ sample = importlib.import_module("sample")
 # A model small enough to train in seconds: 16x16 images, a 2x4x4 latent.
 TINY = ["--modality", "image", "--resolution", "16", "--batch-size", "4", "--z-ch", "2", "--enc-ch", "8",
         "--field-ch", "4", "--mlp-hidden", "16", "--ldm-ch", "16", "--ldm-batch", "8", "--steps", "4",
-        "--sample-steps", "2", "--log-every", "2", "--ckpt-every", "2"]
+        "--sample-steps", "2", "--sampler", "ddim", "--log-every", "2", "--ckpt-every", "2"]
 
 
 @pytest.fixture(autouse=True)
