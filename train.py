@@ -41,8 +41,9 @@ class Config:
     resume: bool = False  # continue the run in --out where it stopped
     overwrite: bool = False  # start again in an --out that already holds a run
     # -- both stages ---------------------------------------------------------------------
-    steps: int = 0  # optimiser steps per stage; 0: the preset's vae_steps / ldm_steps
-    max_minutes: float = 0.0  # wall-clock bound per stage (the schedules shrink to fit); 0: none
+    steps: int = 0  # optimiser steps per stage; 0: the preset's vae_steps / ldm_steps, or, with
+    #                  --max-minutes alone, as many as fit in that time
+    max_minutes: float = 0.0  # wall-clock bound per stage (the schedules are planned to fit); 0: none
     resolution: int = 0  # training resolution R; 0: the preset's
     batch_size: int = 0  # stage-1 batch; 0: the preset's
     val_fraction: float = 0.1  # share of a data folder held out for validation
@@ -173,6 +174,7 @@ class Budget:
     """
 
     def __init__(self, steps, max_minutes, plan=None, probe=20):
+        steps = steps or 10**9  # 0: bounded by time alone
         self.steps, self.seconds, self.plan, self.probe = steps, max_minutes * 60, plan, probe
         self.t0, self.start_step = time.time(), None
 
@@ -190,6 +192,11 @@ class Budget:
     def done(self, step):
         out_of_time = self.seconds and time.time() - self.t0 > self.seconds
         return step >= self.planned(step) or out_of_time
+
+
+def stage_steps(cfg, preset_key):
+    """--steps if given; else, under --max-minutes, no step bound (0); else the preset's count."""
+    return cfg["steps"] or (0 if cfg["max_minutes"] else cfg[preset_key])
 
 
 def progress(tag, step, total, terms, t0, step0):
@@ -246,7 +253,7 @@ def evaluate_vae(mod, vae, val, cfg, device):
 
 def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
     s1 = state["stage1"]
-    budget = Budget(cfg["steps"] or cfg["vae_steps"], cfg["max_minutes"], plan=s1.get("plan"))
+    budget = Budget(stage_steps(cfg, "vae_steps"), cfg["max_minutes"], plan=s1.get("plan"))
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # data order and query coordinates
     if "generator" in s1:
         gen.set_state(s1["generator"])
@@ -322,7 +329,7 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
     scale = s2["scale_factor"]
     print(f"[ldm] {len(mean)} latents of shape {tuple(mean.shape[1:])}, scale factor {scale:.4f}")
     labels = train["label"]
-    budget = Budget(cfg["steps"] or cfg["ldm_steps"], cfg["max_minutes"], plan=s2.get("plan"))
+    budget = Budget(stage_steps(cfg, "ldm_steps"), cfg["max_minutes"], plan=s2.get("plan"))
     gen = torch.Generator().manual_seed(cfg["seed"] + 2)
     if "generator" in s2:
         gen.set_state(s2["generator"])

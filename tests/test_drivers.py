@@ -136,3 +136,18 @@ def test_refusals_are_one_line_errors(run, tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="not a DDMI checkpoint"):
         sample.main(["--ckpt", str(bad)])
+
+
+def test_time_budget_alone_plans_from_measured_speed(monkeypatch):
+    # --max-minutes without --steps: the stage runs as many steps as fit, planned after a probe
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    budget = train.Budget(train.stage_steps({"steps": 0, "max_minutes": 1.0, "vae_steps": 5}, "vae_steps"), 1.0)
+    step = 0
+    while not budget.done(step):
+        step += 1
+        clock[0] += 0.5  # 2 steps per second -> 120 steps in a minute
+    assert budget.plan == 120 and step == 120
+    # with --steps, the smaller bound wins; with neither, the preset's count
+    assert train.Budget(train.stage_steps({"steps": 50, "max_minutes": 1.0}, "vae_steps"), 1.0).steps == 50
+    assert train.stage_steps({"steps": 0, "max_minutes": 0, "vae_steps": 5}, "vae_steps") == 5
