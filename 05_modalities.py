@@ -165,8 +165,8 @@ class ImageModality:
     # sum-scaled loss, which is exactly what our mean-recon + lambda_z * KL / D_x computes.
     presets = {
         "tiny": dict(resolution=32, batch_size=16, coords_per_item=256, z_ch=4, enc_ch=32, enc_mult=(1, 2, 2),
-                     field_ch=16, mlp_hidden=64, mlp_layers=4, lambda_z=1e-3, vae_steps=1500, vae_lr=1e-3,
-                     ldm_ch=48, ldm_mult=(1, 2), ldm_attn=(1,), ldm_steps=2500, ldm_batch=32, ldm_lr=2e-4,
+                     field_ch=16, mlp_hidden=64, mlp_layers=4, lambda_z=1e-3, vae_steps=3000, vae_lr=1e-3,
+                     ldm_ch=48, ldm_mult=(1, 2), ldm_attn=(1,), ldm_steps=4000, ldm_batch=32, ldm_lr=2e-4,
                      ema_decay=0.999, sampler="ddpm", sample_steps=100),
         "paper": dict(resolution=256, batch_size=16, coords_per_item=0, z_ch=64, enc_ch=64, enc_mult=(1, 2, 4),
                       field_ch=64, mlp_hidden=256, mlp_layers=5, lambda_z=0.5, vae_steps=500_000, vae_lr=1e-4,
