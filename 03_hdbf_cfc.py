@@ -150,31 +150,42 @@ if __name__ == "__main__":
 
     M = importlib.import_module("05_modalities")
     R, K, Z, steps = 32, 256, 4, 300
+    # Two seeds per variant: at this budget one seed can mislead. The single fine field
+    # sometimes sits on a plateau (about 16.5 dB: a blurred average) for hundreds of steps,
+    # while the coarse taps of HDBF give the read-out an easy signal from the first step.
+    # Measured over seeds 0-3 (300 steps): single 16.6 / 22.1 / 16.6 / 21.7 dB,
+    # hdbf_concat 22.8 / 22.0 / 20.9 / 22.9, hdbf_cfc 22.5 / 22.9 / 22.4 / 22.9.
+    seeds = (0, 1)
     train = M.synthetic_images(M.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R)
     val = M.synthetic_images(M.synthetic_params(64, seed=1), R, R)  # unseen images
     gt64 = M.synthetic_images(M.synthetic_params(64, seed=1), 2 * R, 2 * R)  # the same, exact at 64x64
     rows = [val[:6]]
     for variant in VARIANTS:
-        torch.manual_seed(0)  # same initial encoder, same batches, same coordinates for every variant
-        decoder, readout = build_decoder_readout(variant, Z, field_ch=16, out_ch=3)
-        vae = vae_lib.D2CVAE(vae_lib.ConvEncoder(3, Z), decoder, readout)
-        opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-        t0 = time.time()
-        for step in range(steps):
-            x = train[torch.randint(len(train), (16,))]  # (16, 3, R, R)
-            coords, target = vae_lib.random_pixels(x, K)
-            lam = vae_lib.kl_weight(step, steps, 1e-3)
-            terms = vae_lib.elbo_loss(vae, x, coords, target, lam, num_values=x[0].numel())
-            opt.zero_grad()
-            terms["loss"].backward()
-            opt.step()
-        with torch.no_grad():
-            fields = vae.decode(vae.encode(val).mean)
-            rec, rec64 = vae_lib.render(vae, fields, R, R), vae_lib.render(vae, fields, 2 * R, 2 * R)
+        psnrs, psnrs64, t0 = [], [], time.time()
+        for seed in seeds:
+            torch.manual_seed(seed)  # per seed: same initial encoder, batches and coordinates for every variant
+            decoder, readout = build_decoder_readout(variant, Z, field_ch=16, out_ch=3)
+            vae = vae_lib.D2CVAE(vae_lib.ConvEncoder(3, Z), decoder, readout)
+            opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+            for step in range(steps):
+                x = train[torch.randint(len(train), (16,))]  # (16, 3, R, R)
+                coords, target = vae_lib.random_pixels(x, K)
+                lam = vae_lib.kl_weight(step, steps, 1e-3)
+                terms = vae_lib.elbo_loss(vae, x, coords, target, lam, num_values=x[0].numel())
+                opt.zero_grad()
+                terms["loss"].backward()
+                opt.step()
+            with torch.no_grad():
+                fields = vae.decode(vae.encode(val).mean)
+                rec, rec64 = vae_lib.render(vae, fields, R, R), vae_lib.render(vae, fields, 2 * R, 2 * R)
+            psnrs.append(inr.psnr(rec, val))
+            psnrs64.append(inr.psnr(rec64, gt64))
+            if seed == seeds[0]:
+                rows.append(rec[:6])
         n_params = sum(p.numel() for p in vae.parameters())
-        print(f"{variant:12s} val PSNR {inr.psnr(rec, val):5.2f} dB at 32x32, "
-              f"{inr.psnr(rec64, gt64):5.2f} dB at 64x64 vs exact  ({n_params} params, {time.time() - t0:.0f} s)")
-        rows.append(rec[:6])
+        print(f"{variant:12s} val PSNR {sum(psnrs) / len(psnrs):5.2f} dB at 32x32 "
+              f"(seeds: {', '.join(f'{v:.2f}' for v in psnrs)}), {sum(psnrs64) / len(psnrs64):5.2f} dB at "
+              f"64x64 vs exact  ({n_params} params, {time.time() - t0:.0f} s)")
     os.makedirs("out", exist_ok=True)
     fig, axes = plt.subplots(4, 6, figsize=(9, 6.4))
     for r, (row, name) in enumerate(zip(rows, ("data", *VARIANTS))):
@@ -183,6 +194,6 @@ if __name__ == "__main__":
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name)
-    fig.suptitle(f"unseen images and reconstructions after {steps} steps")
+    fig.suptitle(f"unseen images and reconstructions after {steps} steps (seed {seeds[0]})")
     fig.savefig("out/03_hdbf_cfc.png", dpi=100)
     print("wrote out/03_hdbf_cfc.png")
