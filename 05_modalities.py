@@ -107,14 +107,14 @@ def synthetic_images(params, height, width):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def find_images(folder):
+def find_images(folder, flag="--data"):
     """Every png/jpg file under `folder` (searched recursively), sorted, so the order is stable."""
     if not os.path.isdir(folder):
-        raise SystemExit(f"--data {folder}: not a folder (expected a folder of .png/.jpg images)")
+        raise SystemExit(f"{flag} {folder}: not a folder (expected a folder of .png/.jpg images)")
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
                    for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
-        raise SystemExit(f"--data {folder}: no .png/.jpg images found (searched sub-folders too)")
+        raise SystemExit(f"{flag} {folder}: no .png/.jpg images found (searched sub-folders too)")
     return paths
 
 
@@ -156,7 +156,7 @@ class ImageModality:
 
     name = "image"
     # Model and training sizes per preset (plain dicts, applied on top of train.py's Config).
-    # tiny: a 2-core CPU trains the whole pipeline at 32x32 in about ten minutes. Its sheets
+    # tiny: a 2-core CPU trains the whole pipeline at 32x32 in about eight minutes. Its sheets
     # use ancestral DDPM sampling: after minutes of training the noise prediction at large t
     # is a few percent off, which deterministic DDIM (eta = 0) amplifies into blotches, while
     # the fresh noise of each DDPM step corrects it (measured on faces: README).

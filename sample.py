@@ -36,7 +36,7 @@ def positive_ints(text):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = T.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a run")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--resolution", type=positive_ints, default=None, help="R or R1,R2,...: render sizes")
@@ -88,7 +88,7 @@ def reconstruct(a, ck, cfg, mod, vae, device, resolutions):
         x_in = val["x"][:a.n]  # the encoder sees the training resolution
         truth = {R: M.synthetic_images(params, R, R) for R in resolutions}  # exact, at every R
     else:
-        paths = M.find_images(a.reconstruct)
+        paths = M.find_images(a.reconstruct, flag="--reconstruct")
         x_in = torch.stack([M.read_image(p, R0) for p in paths])
         truth = {R: mod.to_signal(torch.stack([M.read_image(p, R) for p in paths])) for R in resolutions}
     rows, names = [], []

@@ -1,6 +1,6 @@
 """Train DDMI: stage 1 (the D2C-VAE of files 02-03), then stage 2 (latent diffusion, file 04).
 
-    python train.py --modality image                      # synthetic images, ~10 min on a 2-core CPU
+    python train.py --modality image                      # synthetic images, ~8 min on a 2-core CPU
     python train.py --modality image --data ./celebahq --preset paper --device cuda
     python train.py --modality image --stage vae --out runs/faces --data ./faces
     python train.py --modality image --stage ldm --out runs/faces       # stage 2 on that VAE
@@ -16,7 +16,9 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ import torch
 
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
+H = importlib.import_module("03_hdbf_cfc")
 LDM = importlib.import_module("04_latent_diffusion")
 M = importlib.import_module("05_modalities")
 
@@ -74,20 +77,45 @@ class Config:
     sample_steps: int = 0  # denoising steps of that sampler; 0: the preset's
 
 
+# The range of every numeric flag: (lowest, highest, what to say when it is outside).
+_POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
+NUMBER_RANGES = {
+    **{k: _POS for k in ("resolution", "batch_size", "log_every", "ckpt_every", "z_ch", "enc_ch", "field_ch",
+                         "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch", "ldm_steps", "ldm_batch", "sample_steps")},
+    **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z")},
+    "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
+    "ldm_attn": (0, math.inf, "level indices like 1 or 2,3"),
+    "val_fraction": (1e-9, 1 - 1e-9, "a fraction between 0 and 1 (exclusive)"),
+    "vae_lr": (1e-12, math.inf, "a positive learning rate"), "ldm_lr": (1e-12, math.inf, "a positive learning rate"),
+    "ema_decay": (0, 1 - 1e-12, "a decay in [0, 1)"), "p_uncond": (0, 1, "a probability in [0, 1]"),
+}
+
 # Flags that may differ from the saved config when a run is continued.
 RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every",
                 "sampler", "sample_steps"}
 
 
+def int_list(text):
+    """'1,2,2' -> (1, 2, 2); argparse names the flag if this fails ('invalid int_list value')."""
+    return tuple(int(v) for v in text.split(","))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block): e.g. 'argument --steps: invalid int value: 'x''."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: {message} (see --help)")
+
+
 def parse_config(argv):
     """Config from defaults <- preset <- command line; unknown flags are errors (argparse)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             p.add_argument(flag, action="store_true")
         elif f.type is tuple:
-            p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), metavar="A,B,..")
+            p.add_argument(flag, type=int_list, metavar="A,B,..")
         else:
             p.add_argument(flag, type=f.type)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
@@ -101,10 +129,16 @@ def parse_config(argv):
         raise SystemExit(f"--preset {preset}: unknown; expected one of {', '.join(presets)}")
     cfg.update(presets[preset])
     cfg.update(given)
-    for name in ("resolution", "batch_size", "log_every", "ckpt_every", "steps", "max_minutes"):
-        low = 1 if name in ("resolution", "batch_size", "log_every", "ckpt_every") else 0
-        if name in given and given[name] < low:
-            raise SystemExit(f"--{name.replace('_', '-')} {given[name]}: expected a number >= {low}")
+    for name, value in given.items():  # every number has a range: name the flag and say which
+        if name not in NUMBER_RANGES:
+            continue
+        low, high, what = NUMBER_RANGES[name]
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or not all(math.isfinite(v) and low <= v <= high for v in values):
+            shown = ",".join(str(v) for v in values) if isinstance(value, tuple) else value
+            raise SystemExit(f"--{name.replace('_', '-')} {shown}: expected {what}")
+    if cfg["variant"] not in H.VARIANTS:
+        raise SystemExit(f"--variant {cfg['variant']}: expected one of {', '.join(H.VARIANTS)}")
     if cfg["sampler"] not in ("ddim", "ddpm"):
         raise SystemExit(f"--sampler {cfg['sampler']}: expected ddim or ddpm")
     if cfg["stage"] not in ("vae", "ldm", "all"):
@@ -156,6 +190,28 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if torch.cuda.is_available() and s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------------------
+# Ctrl-C. The first one asks the training loops to stop at the next step boundary, where
+# weights, optimiser, data order and random state agree, so the checkpoint written then
+# lets --resume continue exactly as if nothing had happened. A second Ctrl-C aborts at
+# once without saving; the last checkpoint written is left as it was.
+# ----------------------------------------------------------------------------------------
+STOP = {"requested": False}
+
+
+def on_sigint(signum, frame):
+    if STOP["requested"]:
+        raise SystemExit("aborted by a second Ctrl-C; the last checkpoint written is intact")
+    STOP["requested"] = True
+    print("\nCtrl-C: stopping after this step and saving (press again to abort without saving)", flush=True)
+
+
+def check_stop():
+    """Called at the top of every training step; the loops' handlers then save the state."""
+    if STOP["requested"]:
+        raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,15 +321,18 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
     vae.train()
     try:
         while not budget.done(step):
+            check_stop()
             idx = torch.randint(n, (cfg["batch_size"],), generator=gen)
             x = mod.to_signal(train["x"][idx].to(device, non_blocking=True))
             coords, target = mod.queries(x, K, gen)
             lam = V.kl_weight(step, budget.planned(step), cfg["lambda_z"])
             with amp:
                 terms = V.elbo_loss(vae, x, coords, target, lam, D_x, mod.recon)
-            if not torch.isfinite(terms["loss"]):
-                raise SystemExit(f"stage 1, step {step}: non-finite loss (recon {terms['recon'].item():.4g}, "
-                                 f"kl {terms['kl'].item():.4g}); the last checkpoint is intact")
+            if not torch.isfinite(terms["loss"]):  # stop before the bad step touches the weights
+                bad = [name for name, k in (("reconstruction", "recon"), ("KL", "kl")) if not torch.isfinite(terms[k])]
+                raise SystemExit(f"stage 1, step {step}: the {' and '.join(bad) or 'total'} term of the loss is not "
+                                 f"finite (recon {terms['recon'].item():.4g}, kl {terms['kl'].item():.4g}); "
+                                 f"stopped, the last checkpoint in {cfg['out']} is intact")
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
@@ -338,6 +397,7 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
     ldm.train()
     try:
         while not budget.done(step):
+            check_stop()
             idx = torch.randint(len(mean), (cfg["ldm_batch"],), generator=gen)
             eps = torch.randn(mean[idx].shape, generator=gen)
             # z_0 ~ q(z|x) = mu + sigma * eps, multiplied by the scale factor
@@ -346,7 +406,8 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
             with amp:
                 loss = ldm.loss(z0, y)
             if not torch.isfinite(loss):
-                raise SystemExit(f"stage 2, step {step}: non-finite diffusion loss; the last checkpoint is intact")
+                raise SystemExit(f"stage 2, step {step}: the diffusion loss is not finite ({loss.item():.4g}); "
+                                 f"stopped, the last checkpoint in {cfg['out']} is intact")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -390,6 +451,23 @@ def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0
 # ----------------------------------------------------------------------------------------
 def main(argv=None):
     cfg, given = parse_config(sys.argv[1:] if argv is None else argv)
+    fresh = not os.path.exists(cfg["out"])
+    STOP["requested"] = False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    try:
+        train_run(cfg, given)
+    except BaseException:
+        # a run that failed before writing anything (bad data, say) leaves no empty folder behind
+        if fresh and os.path.isdir(cfg["out"]) and not os.listdir(cfg["out"]):
+            os.rmdir(cfg["out"])
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def train_run(cfg, given):
     run = cfg["out"]
     ckpt_path = os.path.join(run, "ckpt.pt")
     exists = os.path.exists(ckpt_path)
