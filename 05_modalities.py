@@ -110,7 +110,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 def find_images(folder, flag="--data"):
     """Every png/jpg file under `folder` (searched recursively), sorted, so the order is stable."""
     if not os.path.isdir(folder):
-        raise SystemExit(f"{flag} {folder}: not a folder (expected a folder of .png/.jpg images)")
+        raise SystemExit(f"{flag} {folder}: not a folder or an .npz file (expected .png/.jpg images or an image array)")
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
                    for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
@@ -124,24 +124,69 @@ def read_image(path, resolution):
     Greyscale is repeated to RGB, an alpha channel is dropped, 8- and 16-bit files both work.
     """
     import matplotlib.image
-    import numpy as np
 
     try:
         a = matplotlib.image.imread(path)  # (H, W), (H, W, 3) or (H, W, 4); float in [0, 1] or uint8
     except Exception as e:  # a truncated or non-image file: name it
         raise SystemExit(f"{path}: cannot read this image ({type(e).__name__}: {e})")
+    a = a[..., None] if a.ndim == 2 else a  # greyscale: add the channel axis
+    return square_uint8(torch.from_numpy(to_unit_rgb(a))[None], resolution)[0]
+
+
+def to_unit_rgb(a):
+    """numpy (..., H, W, C) with C = 1, 3 or 4, uint8 or float in [0, 1] -> float32 (..., 3, H, W)."""
+    import numpy as np
+
     a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-    if a.ndim == 2:
-        a = a[..., None]
-    a = a[..., :3] if a.shape[2] >= 3 else a[..., :1].repeat(3, axis=2)  # (H, W, 3)
-    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # (3, H, W) in [0, 1]
-    H, W = x.shape[1:]
-    s = min(H, W)  # centre crop to the largest square
-    x = x[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]
+    a = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, axis=-1)  # RGB; alpha dropped
+    return np.ascontiguousarray(np.moveaxis(a, -1, -3))
+
+
+def square_uint8(x, resolution):
+    """(B, 3, H, W) float in [0, 1] -> (B, 3, R, R) uint8: centre crop to the largest square, resize."""
+    H, W = x.shape[-2:]
+    s = min(H, W)
+    x = x[..., (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]
     # antialias=True: a proper low-pass when shrinking, so no aliasing in the training data
-    x = torch.nn.functional.interpolate(x[None], size=(resolution, resolution), mode="bilinear",
-                                        align_corners=False, antialias=True)[0]
+    x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear",
+                                        align_corners=False, antialias=True)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def read_npz_images(path, resolution, flag="--data"):
+    """An .npz holding one image array (key 'images', or its only array) -> uint8 (n, 3, R, R).
+
+    The array is (n, H, W) greyscale or (n, H, W, C) with C = 1, 3 or 4; uint8, or float in
+    [0, 1]. Loaded with allow_pickle=False: an .npz cannot run code.
+    """
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+            if key is None:
+                raise SystemExit(f"{flag} {path}: expected an array named 'images' (or a single array); "
+                                 f"found {', '.join(keys) or 'none'}")
+            a = f[key]
+    except Exception as e:  # not an .npz, truncated, or pickled objects inside
+        raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {e})")
+    shape_ok = a.ndim == 3 or (a.ndim == 4 and a.shape[-1] in (1, 3, 4))
+    kind_ok = a.dtype == np.uint8 or (a.dtype.kind == "f" and a.size and 0 <= a.min() and a.max() <= 1)
+    if not (shape_ok and kind_ok and len(a) > 0):
+        raise SystemExit(f"{flag} {path}: array '{key}' is {a.dtype} {a.shape}; expected (n, H, W) or "
+                         f"(n, H, W, C) with C = 1, 3 or 4, uint8 or float in [0, 1]")
+    a = a[..., None] if a.ndim == 3 else a  # (n, H, W, C)
+    # in chunks, so a large uint8 array is never converted to float all at once
+    return torch.cat([square_uint8(torch.from_numpy(to_unit_rgb(a[i:i + 256])), resolution)
+                      for i in range(0, len(a), 256)])
+
+
+def read_images(path, resolution, flag="--data"):
+    """A folder of image files, or an .npz holding an image array -> uint8 (n, 3, R, R)."""
+    if path.lower().endswith(".npz") and os.path.isfile(path):
+        return read_npz_images(path, resolution, flag)
+    return torch.stack([read_image(p, resolution) for p in find_images(path, flag)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -184,11 +229,10 @@ class ImageModality:
             return ({"x": synthetic_images(tr, resolution, resolution), "label": tr["label"]},
                     {"x": synthetic_images(va, resolution, resolution), "label": va["label"], "params": va},
                     len(SYNTHETIC_CLASSES))
-        paths = find_images(data)
-        n_val = max(1, round(len(paths) * val_fraction))
-        if len(paths) - n_val < 1:
-            raise SystemExit(f"--data {data}: {len(paths)} image(s) found; need at least 2 (training + validation)")
-        x = torch.stack([read_image(p, resolution) for p in paths])  # (n, 3, R, R) uint8
+        x = read_images(data, resolution)  # (n, 3, R, R) uint8
+        n_val = max(1, round(len(x) * val_fraction))
+        if len(x) - n_val < 1:
+            raise SystemExit(f"--data {data}: {len(x)} image(s) found; need at least 2 (training + validation)")
         # a fixed random split, the same for every run with this seed
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         return {"x": x[perm[n_val:]], "label": None}, {"x": x[perm[:n_val]], "label": None}, 0

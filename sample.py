@@ -88,9 +88,8 @@ def reconstruct(a, ck, cfg, mod, vae, device, resolutions):
         x_in = val["x"][:a.n]  # the encoder sees the training resolution
         truth = {R: M.synthetic_images(params, R, R) for R in resolutions}  # exact, at every R
     else:
-        paths = M.find_images(a.reconstruct, flag="--reconstruct")
-        x_in = torch.stack([M.read_image(p, R0) for p in paths])
-        truth = {R: mod.to_signal(torch.stack([M.read_image(p, R) for p in paths])) for R in resolutions}
+        x_in = M.read_images(a.reconstruct, R0, flag="--reconstruct")  # a folder or an .npz
+        truth = {R: mod.to_signal(M.read_images(a.reconstruct, R, flag="--reconstruct")) for R in resolutions}
     rows, names = [], []
     for R in resolutions:
         recs, bicubic = [], []

@@ -258,6 +258,13 @@ def test_bad_input_is_one_line_naming_the_flag_or_file_and_writes_nothing(tmp_pa
     for i in range(3):
         write_png(corrupt / f"ok{i}.png", np.zeros((8, 8, 3), np.uint8))
     (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not the rest of a png")
+    bad_npz = {"flat.npz": {"images": np.zeros((10, 3), np.float32)},
+               "range.npz": {"images": np.full((4, 8, 8), 2.0, np.float32)},
+               "two.npz": {"a": np.zeros((4, 8, 8), np.uint8), "b": np.zeros((4, 8, 8), np.uint8)},
+               "objects.npz": {"images": np.array([{"x": 1}] * 4, dtype=object)}}
+    for name, arrays in bad_npz.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "two.npz").read_bytes()[:50])
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     other_modality = tmp_path / "other"
@@ -270,6 +277,11 @@ def test_bad_input_is_one_line_naming_the_flag_or_file_and_writes_nothing(tmp_pa
         (run("--data", str(empty)), "--data .*empty: no .png/.jpg images found"),
         (run("--data", str(one_image)), "--data .*one: 1 image.* need at least 2"),
         (run("--data", str(corrupt)), "broken.png: cannot read this image"),
+        (run("--data", str(tmp_path / "flat.npz")), r"flat.npz: array 'images' is float32 \(10, 3\); expected \(n, H, W\)"),
+        (run("--data", str(tmp_path / "range.npz")), "range.npz: array 'images' is float32 .* float in \\[0, 1\\]"),
+        (run("--data", str(tmp_path / "two.npz")), "two.npz: expected an array named 'images'.*found a, b"),
+        (run("--data", str(tmp_path / "objects.npz")), "objects.npz: cannot read this .npz"),
+        (run("--data", str(tmp_path / "truncated.npz")), "truncated.npz: cannot read this .npz"),
         (run("--resolution", "0"), "--resolution 0: expected a positive integer"),
         (run("--resolution", "-32"), "--resolution -32: expected a positive integer"),
         (run("--resolution", "abc"), "argument --resolution: invalid int value: 'abc'"),
@@ -318,3 +330,20 @@ def test_images_of_any_size_grey_rgba_and_16_bit_load(tmp_path):
         assert torch.allclose(got[:, 0], torch.tensor(colour, dtype=torch.float), atol=1), (name, got[:, 0])
     train_set, val_set, _ = M.MODALITIES["image"].load(str(folder), 16, val_fraction=0.2)
     assert train_set["x"].shape == (4, 3, 16, 16) and val_set["x"].shape == (1, 3, 16, 16)
+
+
+def test_an_npz_of_images_loads_like_the_same_images_as_files(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (5, 24, 30), dtype=np.uint8)  # (n, H, W), not square: cropped
+    colour = rng.random((5, 20, 20, 3)).astype(np.float32)  # float in [0, 1]
+    np.savez(tmp_path / "grey.npz", images=grey, subject=np.arange(5))  # extra arrays are ignored
+    np.savez(tmp_path / "colour.npz", colour)  # a single array, whatever its name
+    (tmp_path / "grey").mkdir()
+    for i, im in enumerate(grey):
+        write_png(tmp_path / "grey" / f"{i}.png", im)
+    from_npz = M.read_images(str(tmp_path / "grey.npz"), 16)
+    assert from_npz.shape == (5, 3, 16, 16) and torch.equal(from_npz, M.read_images(str(tmp_path / "grey"), 16))
+    from_float = M.read_images(str(tmp_path / "colour.npz"), 20)  # same size: no resampling
+    assert torch.equal(from_float, torch.from_numpy(np.round(colour * 255).astype(np.uint8)).permute(0, 3, 1, 2))
+    train_set, val_set, _ = M.MODALITIES["image"].load(str(tmp_path / "grey.npz"), 16, val_fraction=0.2)
+    assert len(train_set["x"]) == 4 and len(val_set["x"]) == 1
