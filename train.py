@@ -13,9 +13,11 @@ samples.png and metrics.json. The folder of an existing run is never overwritten
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,8 +46,7 @@ class Config:
     resume: bool = False  # continue the run in --out where it stopped
     overwrite: bool = False  # start again in an --out that already holds a run
     # -- both stages ---------------------------------------------------------------------
-    steps: int = 0  # optimiser steps per stage; 0: the preset's vae_steps / ldm_steps, or, with
-    #                  --max-minutes alone, as many as fit in that time
+    steps: int = 0  # optimiser steps per stage; 0: the preset's, or as many as fit in --max-minutes
     max_minutes: float = 0.0  # wall-clock bound per stage (the schedules are planned to fit); 0: none
     resolution: int = 0  # training resolution R; 0: the preset's
     batch_size: int = 0  # stage-1 batch; 0: the preset's
@@ -110,14 +111,16 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_config(argv):
     """Config from defaults <- preset <- command line; unknown flags are errors (argparse)."""
     p = OneLineParser(description=__doc__.split("\n")[0])
+    # --help shows each field's comment from Config above (its first line)
+    comments = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
         if f.type is bool:
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=text)
         elif f.type is tuple:
-            p.add_argument(flag, type=int_list, metavar="A,B,..")
+            p.add_argument(flag, type=int_list, metavar="A,B,..", help=text)
         else:
-            p.add_argument(flag, type=f.type)
+            p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=text)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
     cfg = dataclasses.asdict(Config())
     modality = given.get("modality", cfg["modality"])
