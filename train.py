@@ -466,7 +466,7 @@ def main(argv=None):
             os.rmdir(cfg["out"])
         raise
     finally:
-        if in_main_thread:
+        if previous is not None:  # (None: a handler not installed from Python; leave it)
             signal.signal(signal.SIGINT, previous)
 
 
