@@ -84,7 +84,7 @@ def lookup_rows(device, quick):
     return rows
 
 
-def tiny_config(resolution=None, preset="tiny"):
+def run_config(resolution=None, preset="tiny"):
     flags = ["--preset", preset, "--out", os.devnull] + (["--resolution", str(resolution)] if resolution else [])
     return T.parse_config(flags)[0]
 
@@ -99,7 +99,7 @@ def stage1_step(cfg, mod, vae, opt, x, K, device):
 
 def coords_rows(device, quick):
     R, B = 256, (2 if quick else 8)
-    cfg, mod = tiny_config(R), M.MODALITIES["image"]
+    cfg, mod = run_config(R), M.MODALITIES["image"]
     vae = mod.build_vae(cfg).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
     x = mod.to_signal(M.synthetic_images(M.synthetic_params(B, seed=0), R, R)).to(device)
@@ -115,7 +115,7 @@ def worker(part, device_name, quick):
     device = torch.device(device_name)
     torch.manual_seed(0)
     preset = "paper" if device.type == "cuda" else "tiny"
-    cfg, mod = tiny_config(preset=preset), M.MODALITIES["image"]
+    cfg, mod = run_config(preset=preset), M.MODALITIES["image"]
     R = cfg["resolution"]
     vae = mod.build_vae(cfg).to(device)
     ldm = T.build_ldm(cfg, mod, num_classes=0).to(device)
