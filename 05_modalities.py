@@ -43,6 +43,8 @@ import importlib
 import os
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 inr = importlib.import_module("01_inr")
 
@@ -256,6 +258,10 @@ class ImageModality:
         r = cfg["resolution"] // 2 ** (len(cfg["enc_mult"]) - 1)
         return (cfg["z_ch"], r, r)
 
+    def unstack_planes(self, z):
+        """The latent as the diffusion model holds it -> as the VAE decodes it (one plane: the same)."""
+        return z
+
     # -- the ELBO's pieces -----------------------------------------------------------------
     def queries(self, x, K, generator=None):
         """K random pixel centres per image and their colours (K = 0: every pixel)."""
@@ -265,6 +271,16 @@ class ImageModality:
             coords = inr.coord_grid(H, W, x.device).reshape(1, H * W, 2).expand(B, -1, -1)
             return coords, x.flatten(2).transpose(1, 2)  # (B, HW, 2), (B, HW, 3)
         return V.random_pixels(x, K, generator)
+
+    def training_batch(self, data, idx, K, generator, device):
+        """Items idx of a dataset -> (encoder input x, coords (B, K, 2), target (B, K, 3))."""
+        x = self.to_signal(data["x"][idx].to(device, non_blocking=True))
+        return (x, *self.queries(x, K, generator))
+
+    @staticmethod
+    def values_per_item(cfg):
+        """D_x of the ELBO's scaling (file 02): colour values per image."""
+        return 3 * cfg["resolution"] ** 2
 
     @staticmethod
     def recon(pred, target):
@@ -276,6 +292,64 @@ class ImageModality:
         """The decoded INRs on a resolution x resolution pixel grid: (B, 3, R, R) in [-1, 1]."""
         V = importlib.import_module("02_d2c_vae")
         return V.render(vae, fields, resolution, resolution).clamp(-1, 1)
+
+    def preview(self, vae, fields, cfg):
+        """What a sample sheet shows of decoded INRs: the images at the training resolution."""
+        return self.render(vae, fields, cfg["resolution"])
+
+    def evaluate(self, vae, val, cfg, device):
+        """Validation PSNR at the training resolution, from the posterior mean -> (scores, sheet rows, names)."""
+        scores, rec = [], []
+        for i in range(0, len(val["x"]), 64):
+            x = self.to_signal(val["x"][i:i + 64].to(device))
+            r = self.render(vae, vae.decode(vae.encode(x).mean), cfg["resolution"])
+            scores.append(inr.psnr(r, x) * len(x))
+            rec.append(r.cpu())
+        return ({"psnr": sum(scores) / len(val["x"])}, [self.to_signal(val["x"][:8]), torch.cat(rec)[:8]],
+                ["held out", "reconstructed"])
+
+    @staticmethod
+    def describe(scores):
+        return f"validation PSNR {scores['psnr']:.2f} dB"
+
+    def sample_outputs(self, vae, fields, resolutions, out):
+        """sample.py: the sampled INRs rendered at every resolution -> sheet rows and names."""
+        return [self.render(vae, fields, R).cpu() for R in resolutions], [f"{R}x{R}" for R in resolutions]
+
+    def reconstruct(self, vae, cfg, source, resolutions, n, device):
+        """sample.py --reconstruct: encode the images of `source` at the training resolution,
+        render the INRs at every resolution, print PSNRs -> sheet rows and names.
+
+        `source` is a folder, an .npz, or "synthetic" (the built-in images, exact at every R).
+        The baseline printed beside each PSNR: bicubic upsampling of the reconstruction at the
+        training resolution.
+        """
+        R0 = cfg["resolution"]
+        if source == "synthetic":
+            _, val, _ = self.load(None, R0, seed=cfg["seed"])
+            params = {k: v[:n] for k, v in val["params"].items()}
+            x_in = val["x"][:n]  # the encoder sees the training resolution
+            truth = {R: synthetic_images(params, R, R) for R in resolutions}  # exact, at every R
+        else:
+            x_in = read_images(source, R0, flag="--reconstruct")  # a folder or an .npz
+            truth = {R: self.to_signal(read_images(source, R, flag="--reconstruct")) for R in resolutions}
+        rows, names = [], []
+        for R in resolutions:
+            recs, bicubic = [], []
+            for i in range(0, len(x_in), 32):
+                x = self.to_signal(x_in[i:i + 32].to(device))
+                fields = vae.decode(vae.encode(x).mean)
+                recs.append(self.render(vae, fields, R).cpu())
+                bicubic.append(torch.nn.functional.interpolate(self.render(vae, fields, R0), size=(R, R), mode="bicubic",
+                                                               align_corners=False).clamp(-1, 1).cpu())
+            rec, bic = torch.cat(recs), torch.cat(bicubic)
+            line = f"resolution {R}: mean PSNR {inr.psnr(rec, truth[R]):.2f} dB over {len(rec)} items"
+            if R != R0:
+                line += f" (bicubic upsampling of the {R0}x{R0} reconstruction: {inr.psnr(bic, truth[R]):.2f} dB)"
+            print(line)
+            rows += [truth[R][:8], rec[:8]]
+            names += [f"data {R}", f"INR {R}"]
+        return rows, names
 
     @staticmethod
     def write_sheet(rows, path, row_names=None, title=None):
@@ -313,8 +387,585 @@ class ImageModality:
         os.replace(tmp, path)
 
 
+# ========================================================================================
+# The shape modality: occupancy functions on [-1, 1]^3 (paper Sec. 4.2)
+# ========================================================================================
+# A shape is the function o: [-1, 1]^3 -> {0, 1} (1 inside). Its latent is a tri-plane:
+# three planes (xy, xz, yz; file 01's TRIPLANE_AXES) of Z channels each, (B, 3, Z, h, h).
+# Nothing of files 02-04 is copied for it:
+#   * the encoder turns a surface point cloud into three feature planes (PointNet with
+#     local pooling, below) and then runs file 02's ConvEncoder on them, the planes folded
+#     into the batch so one set of conv weights serves all three;
+#   * D2CVAE.decode (file 02) folds the planes the same way through file 03's HDBF decoder:
+#     every plane gets basis fields at three scales;
+#   * the lookup is file 01's triplane_lookup with the three planes' embeddings SUMMED,
+#     and file 03's CFC read-out maps the three scales' embeddings to one logit;
+#   * the likelihood is Bernoulli: -log p = BCE(logit, occupancy) at the query points;
+#   * for stage 2 the three planes are stacked on channels, (B, 3Z, h, h), and file 04's
+#     UNet models them like any image latent.
+# Queries mix uniform points of the cube (the coarse layout) with points near the surface
+# (where the occupancy changes, and where a uniform sample would spend few points).
+# Mesh extraction, the ray-marched previews and the point-cloud metrics live in file 06.
+SHAPE_CLASSES = ("spheres", "boxes", "tori")
+SHAPE_EVAL_RES = 64  # IoU, meshes and D_x are measured on the 64^3 voxel-centre grid
+NEAR_SURFACE_STD = 0.03  # std of the near-surface query points around the surface, coordinate units
+PREVIEW_FOV = 40.0  # field of view of the previews, degrees: the shapes of [-0.95, 0.95]^3 fill the picture
+
+
+def voxel_grid(R, device=None):
+    """Voxel-centre coordinates of an R^3 grid, (R, R, R, 3); [i, j, k] is (x_i, y_j, z_k)."""
+    c = inr.pixel_centers(R, device)  # (R,)
+    return torch.stack(torch.meshgrid(c, c, c, indexing="ij"), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic shapes: unions of two or three primitives of one kind, defined analytically
+# ----------------------------------------------------------------------------------------
+def synthetic_shape_params(n, seed=0, num_parts=3):
+    """Random parameters of n synthetic shapes (a dict of tensors), reproducible from seed.
+
+    Each shape is a union of 2 or 3 parts of its class: spheres (radius), axis-aligned boxes
+    (three half-sides) or tori (major and minor radius, axis along x, y or z).
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *shape: torch.rand(*shape, generator=g)  # uniform in [0, 1)
+    label = torch.randint(len(SHAPE_CLASSES), (n,), generator=g)  # (n,)
+    size = u(n, num_parts, 3)  # (n, S, 3), turned into each class's dimensions below
+    lab = label[:, None, None]
+    dims = torch.where(lab == 0, 0.2 + 0.25 * size,  # sphere: radius in [0.2, 0.45] (entry 0)
+                       torch.where(lab == 1, 0.12 + 0.28 * size,  # box: half-sides in [0.12, 0.4]
+                                   0.2 + 0.15 * size))  # torus: major radius in [0.2, 0.35] (entry 0)
+    dims[..., 1] = torch.where(label[:, None] == 2, 0.07 + 0.05 * size[..., 1], dims[..., 1])  # torus minor r
+    present = torch.ones(n, num_parts, dtype=torch.bool)
+    present[:, 2:] = u(n, num_parts - 2) < 0.5  # the third part exists in half of the shapes
+    return {"label": label, "dims": dims, "present": present,
+            "centre": u(n, num_parts, 3) * 0.9 - 0.45,  # (n, S, 3): every part stays inside [-0.95, 0.95]^3
+            "axis": torch.randint(3, (n, num_parts), generator=g)}  # (n, S) torus axis: x, y or z
+
+
+# the coordinates of a point seen from a torus with its axis along x, y or z: (in-plane, in-plane, axis)
+_TORUS_FRAME = torch.tensor([[1, 2, 0], [0, 2, 1], [0, 1, 2]])
+
+
+def part_sdf(params, s, p):
+    """Signed distance (< 0 inside) of part s of every shape: p (n, N, 3) -> (n, N)."""
+    rel = p - params["centre"][:, None, s]  # (n, N, 3) position relative to the part's centre
+    d = params["dims"][:, None, s]  # (n, 1, 3)
+    # sphere: |rel| - r
+    sphere = rel.norm(dim=-1) - d[..., 0]
+    # box: with q = |rel| - h, the distance is |max(q, 0)| outside plus max_i q_i (< 0) inside
+    q = rel.abs() - d
+    box = q.clamp(min=0).norm(dim=-1) + q.max(-1).values.clamp(max=0)
+    # torus: (sqrt(a^2 + b^2) - R_major, w) is the position in the tube's cross-section
+    abw = rel.gather(-1, _TORUS_FRAME[params["axis"][:, s]][:, None].expand(-1, p.shape[1], -1))  # (n, N, 3)
+    tube = torch.stack([abw[..., :2].norm(dim=-1) - d[..., 0], abw[..., 2]], -1)  # (n, N, 2)
+    torus = tube.norm(dim=-1) - d[..., 1]
+    label = params["label"][:, None]
+    sdf = torch.where(label == 0, sphere, torch.where(label == 1, box, torus))
+    return torch.where(params["present"][:, None, s], sdf, torch.inf)  # an absent part is nowhere
+
+
+def synthetic_occupancy(params, p):
+    """Exact occupancy of the union: p (n, N, 3) -> (n, N) bool (inside any part)."""
+    return torch.stack([part_sdf(params, s, p) for s in range(params["centre"].shape[1])]).amin(0) < 0
+
+
+def synthetic_surface(params, num_points, generator=None):
+    """num_points points uniformly on the surface of each union, (n, P, 3).
+
+    Each part gets 4P candidate points spread uniformly over its own surface; a candidate
+    inside another part is not on the union's surface and is dropped (weight 0); the P
+    points are drawn from the rest with probability proportional to each part's area.
+    """
+    n, S = params["label"].shape[0], params["centre"].shape[1]
+    M = 4 * num_points  # candidates per part
+    rnd = lambda *shape: torch.rand(*shape, generator=generator)
+    cands, weights = [], []
+    for s in range(S):
+        d = params["dims"][:, s][:, None]  # (n, 1, 3)
+        # sphere: r * a normalised Gaussian vector is uniform on the sphere; area 4 pi r^2
+        g = torch.randn(n, M, 3, generator=generator)
+        sphere, a_sphere = d[..., :1] * g / g.norm(dim=-1, keepdim=True), 4 * torch.pi * d[..., 0] ** 2
+        # box: choose a face pair with probability ~ its area (4 h_b h_c), a side, a uniform point on it
+        h = d.expand(n, M, 3)
+        face_area = torch.stack([d[:, 0, 1] * d[:, 0, 2], d[:, 0, 0] * d[:, 0, 2], d[:, 0, 0] * d[:, 0, 1]], -1)  # (n, 3)
+        axis = torch.multinomial(face_area, M, replacement=True, generator=generator)  # (n, M)
+        box = (2 * rnd(n, M, 3) - 1) * h
+        side = torch.where(rnd(n, M) < 0.5, -1.0, 1.0)
+        box = box.scatter(-1, axis[..., None], (side * h.gather(-1, axis[..., None])[..., 0])[..., None])
+        a_box = 8 * face_area.sum(-1, keepdim=True)  # (n, 1)
+        # torus: angles u (around the axis) and v (around the tube) uniform; a patch at v has
+        # area ~ (R + r cos v), so each candidate is weighted by (R + r cos v) / R (mean 1)
+        u_, v_ = 2 * torch.pi * rnd(n, M), 2 * torch.pi * rnd(n, M)
+        Rm, r = d[..., 0], d[..., 1]  # (n, 1) each
+        ring = torch.stack([(Rm + r * torch.cos(v_)) * torch.cos(u_), (Rm + r * torch.cos(v_)) * torch.sin(u_),
+                            r * torch.sin(v_)], -1)  # (n, M, 3) in the frame (a, b, axis)
+        inverse = torch.argsort(_TORUS_FRAME[params["axis"][:, s]], dim=-1)  # back to (x, y, z)
+        ring = ring.gather(-1, inverse[:, None].expand(-1, M, -1))
+        a_ring = 4 * torch.pi ** 2 * Rm * r * (Rm + r * torch.cos(v_)) / Rm
+        label = params["label"][:, None]
+        rel = torch.where(label[..., None] == 0, sphere, torch.where(label[..., None] == 1, box, ring))
+        area = torch.where(label == 0, a_sphere, torch.where(label == 1, a_box, a_ring)).expand(n, M)
+        cands.append(rel + params["centre"][:, s][:, None])
+        weights.append(area * params["present"][:, s][:, None])
+    cands, weights = torch.cat(cands, 1), torch.cat(weights, 1)  # (n, S*M, 3), (n, S*M)
+    # keep a candidate only if no OTHER part contains it (its own sdf is 0 up to rounding)
+    owner = torch.arange(S).repeat_interleave(M)  # (S*M,) which part each candidate lies on
+    for s in range(S):
+        inside_s = part_sdf(params, s, cands) < 0  # (n, S*M)
+        weights = weights * ~(inside_s & (owner != s))
+    pick = torch.multinomial(weights, num_points, replacement=True, generator=generator)  # (n, P)
+    return cands.gather(1, pick[..., None].expand(-1, -1, 3))
+
+
+def query_points(surface, num_points, generator=None):
+    """num_points query points per shape, (n, Q, 3): half uniform in the cube, half near the surface."""
+    n, P, _ = surface.shape
+    half = num_points // 2
+    uniform = torch.rand(n, num_points - half, 3, generator=generator) * 2 - 1
+    near = surface.gather(1, torch.randint(P, (n, half, 1), generator=generator).expand(-1, -1, 3))
+    near = near + NEAR_SURFACE_STD * torch.randn(n, half, 3, generator=generator)
+    return torch.cat([uniform, near.clamp(-1, 1)], 1)
+
+
+def synthetic_shapes(params, num_surface, num_queries, grid_res=0, seed=0):
+    """The data items of synthetic shapes: surface points, labelled query points, optional exact grid."""
+    g = torch.Generator().manual_seed(seed)
+    items = {"x": [], "points": [], "occ": [], "grid": []}
+    for i in range(0, len(params["label"]), 128):  # in chunks: the candidates of 128 shapes fit in memory
+        p = {k: v[i:i + 128] for k, v in params.items()}
+        surface = synthetic_surface(p, num_surface, g)
+        points = query_points(surface, num_queries, g)
+        items["x"].append(surface)
+        items["points"].append(points)
+        items["occ"].append(synthetic_occupancy(p, points))
+        if grid_res:
+            c = voxel_grid(grid_res).reshape(1, -1, 3).expand(len(p["label"]), -1, -1)
+            items["grid"].append(synthetic_occupancy(p, c).reshape(-1, grid_res, grid_res, grid_res))
+    out = {k: torch.cat(v) for k, v in items.items() if v}
+    out["label"] = params["label"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Reading shape data: an .npz of occupancy grids + surface points, or the ConvONet layout
+# ----------------------------------------------------------------------------------------
+def grid_occupancy(grid, p):
+    """Occupancy of voxel grids at any points, by the voxel containing each point.
+
+    grid (n, R, R, R) bool over [-1, 1]^3 (voxel centres as in voxel_grid); p (n, N, 3) -> (n, N).
+    """
+    n, R = grid.shape[0], grid.shape[-1]
+    # the voxel holding coordinate c is floor((c + 1) / 2 * R)
+    ijk = ((p + 1) / 2 * R).floor().long().clamp(0, R - 1)  # (n, N, 3)
+    flat = (ijk[..., 0] * R + ijk[..., 1]) * R + ijk[..., 2]  # (n, N)
+    return grid.reshape(n, -1).gather(1, flat)
+
+
+def grid_field(grid):
+    """Voxel grids as a smooth occupancy function for the previews: points (n, N, 3) -> logits (n, N).
+
+    Trilinear interpolation of the 0/1 voxels minus 1/2 (positive inside); F.grid_sample
+    wants (n, 1, D, H, W) with x along W, so the (x, y, z) grid is permuted to (z, y, x).
+    """
+    vol = grid.float().permute(0, 3, 2, 1)[:, None]  # (n, 1, R_z, R_y, R_x)
+    return lambda p: F.grid_sample(vol.to(p.device), p[:, :, None, None], mode="bilinear", padding_mode="zeros",
+                                   align_corners=False)[:, 0, :, 0, 0] - 0.5
+
+
+def read_shape_npz(path, num_surface, num_queries, seed=0, flag="--data"):
+    """An .npz like ../shared/data/meshes21_occ64_pts8k.npz -> shape items in [-1, 1]^3.
+
+    Arrays: `surface_points` (n, P, 3) and either `occ_packed` (n, R^3 / 8, np.packbits of a
+    bool (R, R, R) grid, with `res` = R) or `occupancy` (n, R, R, R). Grid axes x, y, z, voxel
+    centres tiling the cube [-0.5, 0.5]^3 (the Occupancy Networks unit cube), which we scale
+    by 2 onto our [-1, 1]^3. Query labels come from the grid (the voxel holding each point).
+    """
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.keys()}
+    except Exception as e:
+        raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {e})")
+    surface = arrays.get("surface_points")
+    if surface is None or surface.ndim != 3 or surface.shape[-1] != 3 or not len(surface):
+        raise SystemExit(f"{flag} {path}: expected 'surface_points' shaped (n, P, 3); "
+                         f"found {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
+    n = len(surface)
+    if "occupancy" in arrays:
+        grid = arrays["occupancy"].astype(bool)
+    elif "occ_packed" in arrays and "res" in arrays:
+        R = int(arrays["res"])
+        if arrays["occ_packed"].shape != (n, R ** 3 // 8):
+            raise SystemExit(f"{flag} {path}: 'occ_packed' is {arrays['occ_packed'].shape}; expected ({n}, {R ** 3 // 8})")
+        grid = np.unpackbits(arrays["occ_packed"], axis=1).reshape(n, R, R, R).astype(bool)
+    else:
+        raise SystemExit(f"{flag} {path}: expected an occupancy grid ('occ_packed' + 'res', or 'occupancy')")
+    if grid.ndim != 4 or grid.shape[0] != n or len(set(grid.shape[1:])) != 1:
+        raise SystemExit(f"{flag} {path}: occupancy grid is {grid.shape}; expected ({n}, R, R, R)")
+    g = torch.Generator().manual_seed(seed)
+    surface = torch.from_numpy(surface.astype(np.float32)) * 2  # [-0.5, 0.5]^3 -> [-1, 1]^3
+    surface = surface[:, torch.randperm(surface.shape[1], generator=g)[:num_surface]]  # a random subset, in random order
+    grid = torch.from_numpy(grid)
+    points = query_points(surface, num_queries, g)
+    return {"x": surface, "points": points, "occ": grid_occupancy(grid, points), "grid": grid, "label": None}
+
+
+def read_convonet(root, num_surface, num_queries, split, seed=0, flag="--data"):
+    """The Occupancy Networks / ConvONet ShapeNet layout -> shape items in [-1, 1]^3.
+
+    root/<class>/<id>/points.npz (`points` (N, 3) uniform in the padded cube [-0.55, 0.55]^3,
+    `occupancies` np.packbits of N bools) and pointcloud.npz (`points` on the surface); the
+    ids of a split are listed in root/<class>/<split>.lst (all ids when it is missing). root
+    may also be a single class folder. Coordinates are divided by 0.55 onto [-1, 1]^3. Each
+    shape keeps num_surface surface and num_queries labelled points (a random subset), so
+    about (12 P + 12.1 Q) bytes per shape stay in memory.
+    """
+    import numpy as np
+
+    if not os.path.isdir(root):
+        raise SystemExit(f"{flag} {root}: not a folder or an .npz file")
+    classes = [root] if any(os.path.isfile(os.path.join(root, d, "points.npz")) for d in os.listdir(root)) else \
+        sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    g = torch.Generator().manual_seed(seed)
+    surfaces, points, occs = [], [], []
+    for folder in classes:
+        lst = os.path.join(folder, f"{split}.lst")
+        ids = open(lst).read().split() if os.path.isfile(lst) else sorted(os.listdir(folder))
+        for shape_id in ids:
+            d = os.path.join(folder, shape_id)
+            if not os.path.isfile(os.path.join(d, "points.npz")):
+                continue
+            try:
+                with np.load(os.path.join(d, "points.npz"), allow_pickle=False) as f:
+                    pts, occ = f["points"].astype(np.float32), np.unpackbits(f["occupancies"])[:len(f["points"])]
+                with np.load(os.path.join(d, "pointcloud.npz"), allow_pickle=False) as f:
+                    cloud = f["points"].astype(np.float32)
+            except Exception as e:
+                raise SystemExit(f"{flag} {d}: cannot read points.npz/pointcloud.npz ({type(e).__name__}: {e})")
+            i = torch.randint(len(pts), (num_queries,), generator=g)
+            j = torch.randint(len(cloud), (num_surface,), generator=g)
+            points.append(torch.from_numpy(pts)[i] / 0.55)
+            occs.append(torch.from_numpy(occ.astype(bool))[i])
+            surfaces.append(torch.from_numpy(cloud)[j] / 0.55)
+    if not surfaces:
+        raise SystemExit(f"{flag} {root}: no <class>/<id>/points.npz + pointcloud.npz found for split {split!r}")
+    return {"x": torch.stack(surfaces), "points": torch.stack(points), "occ": torch.stack(occs), "label": None}
+
+
+# ----------------------------------------------------------------------------------------
+# The encoder: PointNet with local pooling onto the three planes, then file 02's convs
+# ----------------------------------------------------------------------------------------
+def plane_cells(p, res):
+    """Index of the plane cell each point falls in, per plane: p (B, N, 3) -> (B, 3, N) in [0, res^2).
+
+    Plane (a, b) of TRIPLANE_AXES has its width along axis a and its height along b, as in
+    bilinear_lookup, so the cell is row * res + column = index_b * res + index_a.
+    """
+    ij = ((p + 1) / 2 * res).floor().long().clamp(0, res - 1)  # (B, N, 3) cell index along each axis
+    return torch.stack([ij[..., b] * res + ij[..., a] for a, b in inr.TRIPLANE_AXES], 1)
+
+
+def scatter_mean(feats, cell, num_cells):
+    """Average the features of the points falling in each cell: (B, N, C), (B, N) -> (B, num_cells, C).
+
+    Written with index_add_ on the flattened (batch, cell) index; an empty cell gets 0.
+    """
+    B, N, C = feats.shape
+    flat = (cell + torch.arange(B, device=cell.device)[:, None] * num_cells).reshape(-1)  # (B N,) global cell
+    # sum_c = sum of the features of the points in cell c; count_c = how many there are
+    sums = feats.new_zeros(B * num_cells, C).index_add_(0, flat, feats.reshape(B * N, C))
+    count = feats.new_zeros(B * num_cells).index_add_(0, flat, feats.new_ones(B * N))
+    # mean_c = sum_c / max(count_c, 1)
+    return (sums / count.clamp(min=1)[:, None]).reshape(B, num_cells, C)
+
+
+class ResidualFC(nn.Module):
+    """h -> W_2 ReLU(W_1 ReLU(h)) + W_s h: the per-point block of the PointNet."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim_in, dim_out), nn.Linear(dim_out, dim_out)
+        self.skip = nn.Linear(dim_in, dim_out, bias=False)
+
+    def forward(self, h):
+        return self.fc2(F.relu(self.fc1(F.relu(h)))) + self.skip(h)
+
+
+class PointNetPlanes(nn.Module):
+    """Surface points (B, N, 3) -> three feature planes (B, 3, C, res, res).
+
+    A PointNet applies the same small MLP to every point. Alone, it sees each point in
+    isolation; local pooling (ConvONet, Peng et al. 2020) lets points talk to their
+    neighbours: after each block, the features are averaged over the points that fall in
+    the same cell of each plane, and every point gets back the sum of its three cells'
+    averages, concatenated to its own features. At the end the features are averaged
+    into the cells once more: those averages are the planes.
+    """
+
+    def __init__(self, out_ch, hidden=32, res=32, num_blocks=3):
+        super().__init__()
+        self.res = res
+        self.fc_in = nn.Linear(3, 2 * hidden)
+        self.blocks = nn.ModuleList(ResidualFC(2 * hidden, hidden) for _ in range(num_blocks))
+        self.fc_out = nn.Linear(hidden, out_ch)
+
+    def forward(self, p):
+        B, N, _ = p.shape
+        cells = plane_cells(p, self.res)  # (B, 3, N)
+        h = self.fc_in(p)  # (B, N, 2 hidden)
+        for i, block in enumerate(self.blocks):
+            h = block(h)  # (B, N, hidden)
+            if i < len(self.blocks) - 1:
+                # local pooling: each point reads the mean feature of its cell on every plane
+                pooled = sum(scatter_mean(h, cells[:, k], self.res ** 2).gather(
+                    1, cells[:, k, :, None].expand(-1, -1, h.shape[-1])) for k in range(3))  # (B, N, hidden)
+                h = torch.cat([h, pooled], -1)  # (B, N, 2 hidden)
+        h = self.fc_out(h)  # (B, N, C)
+        planes = [scatter_mean(h, cells[:, k], self.res ** 2) for k in range(3)]  # 3 x (B, res^2, C)
+        # (B, res^2, C) -> (B, C, res, res): row-major cells, height = second axis of the plane
+        return torch.stack([pl.transpose(1, 2).reshape(B, -1, self.res, self.res) for pl in planes], 1)
+
+
+def exchange_planes(planes):
+    """Let the three planes see each other: (B, 3, C, r, r) -> (B, 3, 3C, r, r).
+
+    Each plane gets, beside its own features, the other two planes averaged along the axis
+    it does not have and spread along the one it shares. For xy (height y, width x): xz
+    averaged over z is a function of x, laid along xy's width; yz averaged over z is a
+    function of y, laid along its height. Likewise for xz and yz. A point's three plane
+    features then all know about its whole neighbourhood in 3D, not one 2D view of it.
+    """
+    xy, xz, yz = planes.unbind(1)  # (B, C, r, r) each; xy: (y, x), xz: (z, x), yz: (z, y)
+    to_xy = [xz.mean(-2, keepdim=True), yz.mean(-2).unsqueeze(-1)]  # f(x) along width, f(y) along height
+    to_xz = [xy.mean(-2, keepdim=True), yz.mean(-1, keepdim=True)]  # f(x) along width, f(z) along height
+    to_yz = [xy.mean(-1).unsqueeze(-2), xz.mean(-1, keepdim=True)]  # f(y) along width, f(z) along height
+    out = [torch.cat([own, *(t.expand_as(own) for t in others)], 1)
+           for own, others in ((xy, to_xy), (xz, to_xz), (yz, to_yz))]
+    return torch.stack(out, 1)
+
+
+class ShapeEncoder(nn.Module):
+    """Surface points (B, N, 3) -> posterior parameters of a tri-plane, (B, 3, 2Z, res / 2^(L-1), ...)."""
+
+    def __init__(self, z_ch, ch=32, ch_mult=(1, 2, 2), res=32, point_hidden=32):
+        super().__init__()
+        V = importlib.import_module("02_d2c_vae")
+        self.pointnet = PointNetPlanes(ch, point_hidden, res)
+        self.conv = V.ConvEncoder(3 * ch, z_ch, ch, ch_mult)  # one set of weights for all three planes
+
+    def forward(self, p):
+        planes = exchange_planes(self.pointnet(p))  # (B, 3, 3C, res, res)
+        B = planes.shape[0]
+        return self.conv(planes.flatten(0, 1)).unflatten(0, (B, 3))  # (B, 3, 2Z, h, h)
+
+
+# ----------------------------------------------------------------------------------------
+# The shape modality record
+# ----------------------------------------------------------------------------------------
+class ShapeModality:
+    """Everything train.py and sample.py need to know about shapes.
+
+    A data item is a dict entry per shape: "x" surface points (P, 3) (the encoder's input),
+    "points" (Q, 3) query points with their occupancy "occ" (Q,), and for validation data
+    the occupancy grid "grid" (R, R, R) on which IoU is measured, when the data has one.
+    cfg["resolution"] is the size of the PointNet planes and of the finest basis field.
+    """
+
+    name = "shape"
+    presets = {
+        # tiny: planes of 32, latent 3 x 8 x 8 x 8, fields at 8, 16, 32
+        "tiny": dict(resolution=32, batch_size=8, coords_per_item=2048, z_ch=8, enc_ch=32, enc_mult=(1, 2, 2),
+                     field_ch=16, mlp_hidden=64, mlp_layers=4, lambda_z=1e-3, vae_steps=3000, vae_lr=1e-3,
+                     ldm_ch=64, ldm_mult=(1, 2), ldm_attn=(1,), ldm_steps=4000, ldm_batch=32, ldm_lr=2e-4,
+                     ema_decay=0.999, sampler="ddpm", sample_steps=100),
+        # paper: latent 3 x 64 ch x 16 x 16, basis fields of 64 ch at 16, 32, 64 (DESIGN.md section 2)
+        "paper": dict(resolution=64, batch_size=32, coords_per_item=4096, z_ch=64, enc_ch=64, enc_mult=(1, 2, 2),
+                      field_ch=64, mlp_hidden=256, mlp_layers=5, lambda_z=1e-3, vae_steps=300_000, vae_lr=1e-4,
+                      ldm_ch=128, ldm_mult=(1, 2, 2), ldm_attn=(1, 2), ldm_steps=500_000, ldm_batch=64,
+                      ldm_lr=1e-4, ema_decay=0.9999, sampler="ddim", sample_steps=50),
+    }
+    synthetic_train, synthetic_val = 1000, 64
+    num_surface, num_queries, encoder_points = 4096, 8192, 1024  # P, Q kept per shape; points the encoder sees
+
+    # -- data ------------------------------------------------------------------------------
+    def load(self, data, resolution, val_fraction=0.1, seed=0):
+        """-> (train, val, num_classes); dicts of tensors sharing their first dimension."""
+        P, Q = self.num_surface, self.num_queries
+        if data is None:  # the built-in synthetic shapes, with their classes; exact grids for IoU
+            tr = synthetic_shape_params(self.synthetic_train, seed=seed)
+            va = synthetic_shape_params(self.synthetic_val, seed=seed + 1_000_003)
+            return (synthetic_shapes(tr, P, Q, seed=seed), synthetic_shapes(va, P, Q, SHAPE_EVAL_RES, seed=seed + 1),
+                    len(SHAPE_CLASSES))
+        if data.lower().endswith(".npz") and os.path.isfile(data):
+            items = read_shape_npz(data, P, Q, seed)
+        elif os.path.isdir(data) and any(os.path.isfile(os.path.join(data, f"{s}.lst")) or os.path.isdir(os.path.join(data, s))
+                                         for s in ("train", *os.listdir(data))):
+            train = read_convonet(data, P, Q, "train", seed)
+            val = read_convonet(data, P, Q, "val", seed + 1)
+            return train, val, 0
+        else:
+            raise SystemExit(f"--data {data}: expected an .npz with 'surface_points' and an occupancy grid, "
+                             f"or a ConvONet folder (<class>/<id>/points.npz)")
+        n = len(items["x"])
+        n_val = max(1, round(n * val_fraction))
+        if n - n_val < 1:
+            raise SystemExit(f"--data {data}: {n} shape(s) found; need at least 2 (training + validation)")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        split = lambda ids: {k: (v[ids] if torch.is_tensor(v) else v) for k, v in items.items()}
+        return split(perm[n_val:]), split(perm[:n_val]), 0
+
+    def to_signal(self, x):
+        """Stored surface points -> the encoder's input: the first encoder_points (a random subset)."""
+        return x[:, :self.encoder_points].float()
+
+    # -- model -----------------------------------------------------------------------------
+    def build_vae(self, cfg):
+        """PointNet + conv encoder -> tri-plane latent -> HDBF fields per plane -> CFC -> logit."""
+        import functools
+
+        V, Hd = importlib.import_module("02_d2c_vae"), importlib.import_module("03_hdbf_cfc")
+        decoder, readout = Hd.build_decoder_readout(cfg["variant"], cfg["z_ch"], cfg["field_ch"], 1, cfg["enc_ch"],
+                                                    tuple(cfg["enc_mult"]), cfg["mlp_hidden"], cfg["mlp_layers"])
+        encoder = ShapeEncoder(cfg["z_ch"], cfg["enc_ch"], tuple(cfg["enc_mult"]), cfg["resolution"])
+        # p = sum of the three planes' embeddings (the paper's choice for shapes)
+        return V.D2CVAE(encoder, decoder, readout, functools.partial(inr.triplane_lookup, combine="sum"))
+
+    def latent_shape(self, cfg):
+        """(3Z, h, h): the three planes stacked on channels, as the diffusion model sees them."""
+        r = cfg["resolution"] // 2 ** (len(cfg["enc_mult"]) - 1)
+        return (3 * cfg["z_ch"], r, r)
+
+    def unstack_planes(self, z):
+        """(B, 3Z, h, w) -> (B, 3, Z, h, w): the stacked planes back as three, for the VAE's decoder."""
+        return z.unflatten(1, (3, -1))
+
+    # -- the ELBO's pieces -----------------------------------------------------------------
+    def training_batch(self, data, idx, K, generator, device):
+        """-> (surface points for the encoder (B, P_enc, 3), coords (B, K, 3), occupancy (B, K, 1))."""
+        x = data["x"][idx]  # (B, P, 3)
+        B, P, _ = x.shape
+        # a fresh random subset of the surface points for the encoder at every step
+        sub = torch.rand(B, P, generator=generator).argsort(1)[:, :self.encoder_points]  # (B, P_enc)
+        x = x.gather(1, sub[..., None].expand(-1, -1, 3))
+        Q = data["points"].shape[1]
+        pick = torch.randint(Q, (B, K if K > 0 else Q), generator=generator)  # (B, K)
+        coords = data["points"][idx].gather(1, pick[..., None].expand(-1, -1, 3))
+        target = data["occ"][idx].gather(1, pick).float()[..., None]
+        return x.to(device), coords.to(device), target.to(device)
+
+    @staticmethod
+    def values_per_item(cfg):
+        """D_x of the ELBO's scaling (file 02): the occupancies of the 64^3 evaluation grid."""
+        return SHAPE_EVAL_RES ** 3
+
+    @staticmethod
+    def recon(logits, occupancy):
+        """Bernoulli likelihood: -log p(o | logit) = BCE(logit, o), mean per item."""
+        return F.binary_cross_entropy_with_logits(logits, occupancy, reduction="none").flatten(1).mean(1)
+
+    # -- outputs ---------------------------------------------------------------------------
+    @staticmethod
+    def field(vae, fields):
+        """The decoded occupancy functions as a callable: points (B, N, 3) -> logits (B, N)."""
+        return lambda p: vae.query(fields, p)[..., 0]
+
+    def logit_grid(self, vae, fields, R=SHAPE_EVAL_RES, chunk=65536):
+        """The decoded shapes' logits on the R^3 voxel-centre grid, (B, R, R, R)."""
+        B = fields[0].shape[0]
+        c = voxel_grid(R, fields[0].device).reshape(1, -1, 3).expand(B, -1, -1)  # (B, R^3, 3)
+        out = torch.cat([vae.query(fields, c[:, i:i + chunk])[..., 0] for i in range(0, R ** 3, chunk)], 1)
+        return out.reshape(B, R, R, R)
+
+    def preview(self, vae, fields, cfg=None, size=96):
+        """Shaded pictures of the decoded shapes, ray marched through the occupancy (file 06)."""
+        G = importlib.import_module("06_geometry")
+        return G.render_occupancy(self.field(vae, fields), fields[0].shape[0], size, size, fov_deg=PREVIEW_FOV)
+
+    def evaluate(self, vae, val, cfg, device, n=None):
+        """Mean IoU of the reconstructions (posterior mean) -> (scores, sheet rows, names).
+
+        On the 64^3 grid when the data has one, else on the stored (uniform) query points.
+        """
+        G = importlib.import_module("06_geometry")
+        n = len(val["x"]) if n is None else n
+        ious, previews = [], []
+        for i in range(0, n, 8):
+            fields = vae.decode(vae.encode(self.to_signal(val["x"][i:i + 8].to(device))).mean)
+            if "grid" in val:
+                pred, truth = self.logit_grid(vae, fields, val["grid"].shape[-1]) > 0, val["grid"][i:i + 8].to(device)
+            else:
+                pred, truth = vae.query(fields, val["points"][i:i + 8].to(device))[..., 0] > 0, val["occ"][i:i + 8].to(device)
+            # IoU = |pred and truth| / |pred or truth|, per shape
+            ious.append(((pred & truth).flatten(1).sum(1) / (pred | truth).flatten(1).sum(1).clamp(min=1)).cpu())
+            if i == 0:
+                previews.append(self.preview(vae, fields, cfg).cpu())
+        rows, names = [previews[0]], ["reconstructed"]
+        if "grid" in val:  # the data itself, ray marched through its voxels
+            rows.insert(0, G.render_occupancy(grid_field(val["grid"][:8]), min(8, n), 96, 96, fov_deg=PREVIEW_FOV))
+            names.insert(0, "held out")
+        return {"iou": torch.cat(ious).mean().item()}, rows, names
+
+    @staticmethod
+    def describe(scores):
+        return f"validation IoU {scores['iou']:.3f} (64^3)"
+
+    def mesh_clouds(self, vae, fields, num_points=2048, R=SHAPE_EVAL_RES, seed=0):
+        """num_points points on the surface of each decoded shape's mesh, (B, num_points, 3).
+
+        A shape with no surface at all (everything outside) gets its points at the origin.
+        """
+        G = importlib.import_module("06_geometry")
+        g = torch.Generator().manual_seed(seed)
+        clouds = []
+        for grid in self.logit_grid(vae, fields, R).cpu():
+            verts, faces = G.extract_mesh(grid, 0.0)
+            clouds.append(G.sample_mesh_surface(verts, faces, num_points, g) if len(faces) else torch.zeros(num_points, 3))
+        return torch.stack(clouds)
+
+    def sample_outputs(self, vae, fields, resolutions, out):
+        """sample.py: a mesh per sample and resolution (<out>_<k>_<R>.obj), and their previews."""
+        if out is not None:
+            G = importlib.import_module("06_geometry")
+            stem = os.path.splitext(out)[0]
+            for R in resolutions:
+                for k, grid in enumerate(self.logit_grid(vae, fields, R).cpu()):
+                    G.write_obj(f"{stem}_{k}_{R}.obj", *G.extract_mesh(grid, 0.0))
+            print(f"wrote {len(fields[0]) * len(resolutions)} meshes {stem}_<k>_<R>.obj (surface nets, {resolutions}^3)")
+        return [self.preview(vae, fields, None).cpu()], ["samples"]
+
+    def reconstruct(self, vae, cfg, source, resolutions, n, device):
+        """sample.py --reconstruct: encode every shape of `source` from its surface points,
+        print the mean IoU (64^3 grid, or the stored query points) and the Chamfer distance
+        between 2048 points of the mesh and 2048 of the data's surface -> previews.
+
+        `source` is "synthetic", an .npz of grids + surface points, or a ConvONet folder
+        (its test.lst, or every shape when there is none).
+        """
+        G = importlib.import_module("06_geometry")
+        if source == "synthetic":
+            items = self.load(None, cfg["resolution"], seed=cfg["seed"])[1]
+        elif source.lower().endswith(".npz") and os.path.isfile(source):
+            items = read_shape_npz(source, self.num_surface, self.num_queries, cfg["seed"], flag="--reconstruct")
+        else:
+            items = read_convonet(source, self.num_surface, self.num_queries, "test", cfg["seed"], flag="--reconstruct")
+        scores, rows, names = self.evaluate(vae, items, cfg, device, n=min(n, len(items["x"])))
+        m = min(n, len(items["x"]))
+        cd = []
+        for i in range(0, m, 8):
+            fields = vae.decode(vae.encode(self.to_signal(items["x"][i:i + 8].to(device))).mean)
+            cloud = self.mesh_clouds(vae, fields, 2048, max(resolutions[0], 16))
+            cd.append(G.chamfer(cloud, items["x"][i:i + 8, :2048]))
+        print(f"{m} shapes: mean IoU {scores['iou']:.3f} ({'64^3 grid' if 'grid' in items else 'query points'}), "
+              f"Chamfer distance {torch.cat(cd).mean().item():.5f} (squared, in [-1, 1]^3 units; mesh at {resolutions[0]}^3)")
+        return rows, names
+
+    write_sheet = staticmethod(ImageModality.write_sheet)
+
+
 # One record per modality; the drivers look modalities up here by name.
-MODALITIES = {"image": ImageModality()}
+MODALITIES = {"image": ImageModality(), "shape": ShapeModality()}
 
 
 # ----------------------------------------------------------------------------------------

@@ -81,34 +81,9 @@ def load_run(path, device):
 
 @torch.no_grad()
 def reconstruct(a, ck, cfg, mod, vae, device, resolutions):
-    R0 = cfg["resolution"]
-    if a.reconstruct == "synthetic":
-        _, val, _ = mod.load(None, R0, seed=cfg["seed"])
-        params = {k: v[:a.n] for k, v in val["params"].items()}
-        x_in = val["x"][:a.n]  # the encoder sees the training resolution
-        truth = {R: M.synthetic_images(params, R, R) for R in resolutions}  # exact, at every R
-    else:
-        x_in = M.read_images(a.reconstruct, R0, flag="--reconstruct")  # a folder or an .npz
-        truth = {R: mod.to_signal(M.read_images(a.reconstruct, R, flag="--reconstruct")) for R in resolutions}
-    rows, names = [], []
-    for R in resolutions:
-        recs, bicubic = [], []
-        for i in range(0, len(x_in), 32):
-            x = mod.to_signal(x_in[i:i + 32].to(device))
-            rec0 = mod.render(vae, vae.decode(vae.encode(x).mean), R0)
-            recs.append(mod.render(vae, vae.decode(vae.encode(x).mean), R).cpu())
-            # the baseline: bicubic upsampling of the reconstruction at the training resolution
-            bicubic.append(torch.nn.functional.interpolate(rec0, size=(R, R), mode="bicubic",
-                                                           align_corners=False).clamp(-1, 1).cpu())
-        rec, bic = torch.cat(recs), torch.cat(bicubic)
-        line = f"resolution {R}: mean PSNR {inr.psnr(rec, truth[R]):.2f} dB over {len(rec)} items"
-        if R != R0:
-            line += f" (bicubic upsampling of the {R0}x{R0} reconstruction: {inr.psnr(bic, truth[R]):.2f} dB)"
-        print(line)
-        rows += [truth[R][:8], rec[:8]]
-        names += [f"data {R}", f"INR {R}"]
+    rows, names = mod.reconstruct(vae, cfg, a.reconstruct, resolutions, a.n, device)  # prints the scores
     out = a.out or os.path.join(os.path.dirname(a.ckpt), "reconstruct.png")
-    mod.write_sheet(rows, out, names, f"reconstructions (encoder input {R0}x{R0})")
+    mod.write_sheet(rows, out, names, f"reconstructions ({a.reconstruct})")
     print(f"wrote {out}")
 
 
@@ -127,13 +102,14 @@ def sample(a, ck, cfg, mod, vae, ldm, device, resolutions, write=True):
     t0 = time.time()
     z = ldm.sample((a.n, *mod.latent_shape(cfg)), steps=a.steps, sampler=a.sampler, eta=a.eta, y=y,
                    guidance=a.guidance, generator=g)
-    fields = vae.decode(z / ck["stage2"]["scale_factor"])  # undo the latent scale factor
-    rows = [mod.render(vae, fields, R).cpu() for R in resolutions]  # the same INRs at every R
+    fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
+    out = a.out or os.path.join(os.path.dirname(a.ckpt), "sample.png")
+    # the same INRs at every resolution (shapes: also one mesh per sample, written next to out)
+    rows, names = mod.sample_outputs(vae, fields, resolutions, out if write else None)
     if not write:
         return rows
     print(f"sampled {a.n} latents ({a.sampler}, {a.steps} steps) and rendered at {resolutions} in {time.time() - t0:.1f} s")
-    out = a.out or os.path.join(os.path.dirname(a.ckpt), "sample.png")
-    mod.write_sheet(rows, out, [f"{R}x{R}" for R in resolutions],
+    mod.write_sheet(rows, out, names,
                     f"{a.n} samples, {a.sampler} {a.steps} steps, seed {a.seed}"
                     + (f", label {a.label}, guidance {a.guidance}" if a.label is not None else ""))
     print(f"wrote {out}")

@@ -278,7 +278,7 @@ def plot_losses(history, path):
         ax.plot(steps, values, lw=1)
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title({"stage1": "stage 1: reconstruction (L1)", "stage2": "stage 2: diffusion loss"}.get(name, name))
+        ax.set_title({"stage1": "stage 1: reconstruction term", "stage2": "stage 2: diffusion loss"}.get(name, name))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
@@ -296,18 +296,13 @@ def write_metrics(run, metrics):
 # ----------------------------------------------------------------------------------------
 # Stage 1: the D2C-VAE
 # ----------------------------------------------------------------------------------------
-@torch.no_grad()
 def evaluate_vae(mod, vae, val, cfg, device):
-    """Validation PSNR at the training resolution, reconstructing from the posterior mean."""
+    """The modality's validation scores (e.g. {"psnr": dB}) and rows for the recon.png sheet."""
     vae.eval()
-    scores, rec = [], []
-    for i in range(0, len(val["x"]), 64):
-        x = mod.to_signal(val["x"][i:i + 64].to(device))
-        r = mod.render(vae, vae.decode(vae.encode(x).mean), cfg["resolution"])
-        scores.append(inr.psnr(r, x) * len(x))
-        rec.append(r.cpu())
+    with torch.no_grad():
+        out = mod.evaluate(vae, val, cfg, device)
     vae.train()
-    return sum(scores) / len(val["x"]), torch.cat(rec)
+    return out
 
 
 def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
@@ -317,7 +312,7 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
     if "generator" in s1:
         gen.set_state(s1["generator"])
     n, K = len(train["x"]), cfg["coords_per_item"]
-    D_x = train["x"][0].numel()  # values per item, the ELBO's scaling (file 02)
+    D_x = mod.values_per_item(cfg)  # D_x, the ELBO's scaling (file 02)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     step, t0, step0 = s1["step"], time.time(), s1["step"]
     window = []
@@ -326,8 +321,8 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
         while not budget.done(step):
             check_stop()
             idx = torch.randint(n, (cfg["batch_size"],), generator=gen)
-            x = mod.to_signal(train["x"][idx].to(device, non_blocking=True))
-            coords, target = mod.queries(x, K, gen)
+            # the encoder's input, K query coordinates per item and the signal there
+            x, coords, target = mod.training_batch(train, idx, K, gen, device)
             lam = V.kl_weight(step, budget.planned(step), cfg["lambda_z"])
             with amp:
                 terms = V.elbo_loss(vae, x, coords, target, lam, D_x, mod.recon)
@@ -353,11 +348,11 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
     except KeyboardInterrupt:  # keep the steps finished so far, then let main() save
         s1.update(step=step, plan=budget.plan, generator=gen.get_state(), vae=vae.state_dict(), opt=opt.state_dict())
         raise
-    psnr, rec = evaluate_vae(mod, vae, val, cfg, device)
-    s1.update(done=True, val_psnr=psnr, step=step, vae=vae.state_dict(), opt=opt.state_dict(),
-              generator=gen.get_state(), plan=budget.plan)
-    print(f"[vae] done after {step} steps: validation PSNR {psnr:.2f} dB ({len(val['x'])} held-out items)")
-    return rec
+    scores, rows, names = evaluate_vae(mod, vae, val, cfg, device)
+    s1.update(done=True, step=step, vae=vae.state_dict(), opt=opt.state_dict(), generator=gen.get_state(),
+              plan=budget.plan, **{f"val_{k}": v for k, v in scores.items()})
+    print(f"[vae] done after {step} steps: {mod.describe(scores)} ({len(val['x'])} held-out items)")
+    return rows, names, mod.describe(scores)
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,8 +365,9 @@ def encode_dataset(mod, vae, x, device, batch=64):
     means, stds = [], []
     for i in range(0, len(x), batch):
         q = vae.encode(mod.to_signal(x[i:i + batch].to(device)))
-        means.append(q.mean.float().cpu())
-        stds.append(q.std.float().cpu())
+        # tri-planes (B, 3, Z, h, w) are stacked on channels (B, 3Z, h, w) for the UNet of file 04
+        means.append(q.mean.float().cpu().flatten(1, -3))
+        stds.append(q.std.float().cpu().flatten(1, -3))
     return torch.cat(means), torch.cat(stds)
 
 
@@ -444,7 +440,7 @@ def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0
         y = torch.full((n,), label, dtype=torch.long) if label is not None else None
         z = ema_model.sample((n, *mod.latent_shape(cfg)), steps=cfg["sample_steps"], sampler=cfg["sampler"],
                              y=y, generator=g)
-        rows.append(mod.render(vae, vae.decode(z / scale), cfg["resolution"]).cpu())
+        rows.append(mod.preview(vae, vae.decode(mod.unstack_planes(z / scale)), cfg).cpu())
         names.append(f"class {label}" if label is not None else "")
     mod.write_sheet(rows, path, names, f"DDMI samples ({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights)")
 
@@ -543,7 +539,8 @@ def train_run(cfg, given):
         save_checkpoint(state, ckpt_path)
 
     def metrics():
-        out = {"stage1": {"val_psnr": state["stage1"].get("val_psnr"), "steps": state["stage1"]["step"]},
+        s1 = state["stage1"]
+        out = {"stage1": {**{k: v for k, v in s1.items() if k.startswith("val_")}, "steps": s1["step"]},
                "stage2": {"steps": state["stage2"]["step"], "loss": state["stage2"].get("recent_loss")},
                "config": cfg}
         write_metrics(run, out)
@@ -553,12 +550,10 @@ def train_run(cfg, given):
     try:
         if cfg["stage"] in ("vae", "all") and not state["stage1"].get("done"):
             t = time.time()
-            rec = train_vae(cfg, mod, vae, vae_opt, state, train, val, device, ckpt)
+            rows, names, scores = train_vae(cfg, mod, vae, vae_opt, state, train, val, device, ckpt)
             ckpt()
-            x = mod.to_signal(val["x"][:8])
-            mod.write_sheet([x, rec[:8]], os.path.join(run, "recon.png"), ["held out", "reconstructed"],
-                            f"stage 1 after {state['stage1']['step']} steps: "
-                            f"{state['stage1']['val_psnr']:.2f} dB on held-out data")
+            mod.write_sheet(rows, os.path.join(run, "recon.png"), names,
+                            f"stage 1 after {state['stage1']['step']} steps: {scores}")
             metrics()
             print(f"[vae] {fmt_time(time.time() - t)}; wrote {ckpt_path}, {run}/recon.png")
         if cfg["stage"] in ("ldm", "all"):

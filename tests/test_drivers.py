@@ -57,8 +57,8 @@ def test_checkpoint_reloads_and_reproduces_validation_psnr(run):
     _, cfg, mod, vae, ldm = sample.load_run(os.path.join(run, "ckpt.pt"), torch.device("cpu"))
     assert ldm is not None
     _, val, _ = mod.load(None, cfg["resolution"], seed=cfg["seed"])
-    psnr, _ = train.evaluate_vae(mod, vae, val, cfg, torch.device("cpu"))
-    assert psnr == pytest.approx(ck["stage1"]["val_psnr"], abs=1e-4)
+    scores, _, _ = train.evaluate_vae(mod, vae, val, cfg, torch.device("cpu"))
+    assert scores["psnr"] == pytest.approx(ck["stage1"]["val_psnr"], abs=1e-4)
 
 
 def test_same_seed_same_samples(run, tmp_path):
