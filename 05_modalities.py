@@ -1,4 +1,4 @@
-"""05 - Modalities: what changes from one kind of signal to another (here: images).
+"""05 - Modalities: what changes from one kind of signal to another (images and 3D shapes).
 
 The concept
 -----------
@@ -10,12 +10,15 @@ record per modality:
   * how a data item is encoded (which encoder, what input it sees),
   * how many latent planes there are and how basis fields are looked up
     (one plane: bilinear; three planes: tri-plane, file 01),
-  * the likelihood of the re-weighted ELBO (L1 for images),
+  * the likelihood of the re-weighted ELBO (L1 for images, Bernoulli for occupancy),
   * how query coordinates and their targets are drawn from a batch,
   * how a decoded signal is rendered at any resolution and written to disk,
   * which data it reads (a built-in synthetic generator, or the user's files).
 
-The drivers (train.py, sample.py) only talk to a record from MODALITIES.
+The drivers (train.py, sample.py) only talk to a record from MODALITIES. The file has two
+parts: images (one latent plane, below) and shapes (a tri-plane latent, the second half,
+with its own introduction); file 06 then turns decoded shapes into meshes, pictures and
+the numbers of 3D generative-model papers.
 
 The image modality
 ------------------
@@ -292,6 +295,11 @@ class ImageModality:
         """The decoded INRs on a resolution x resolution pixel grid: (B, 3, R, R) in [-1, 1]."""
         V = importlib.import_module("02_d2c_vae")
         return V.render(vae, fields, resolution, resolution).clamp(-1, 1)
+
+    @staticmethod
+    def default_resolution(cfg):
+        """sample.py's --resolution when none is given: the training resolution."""
+        return cfg["resolution"]
 
     def preview(self, vae, fields, cfg):
         """What a sample sheet shows of decoded INRs: the images at the training resolution."""
@@ -609,30 +617,37 @@ def read_shape_npz(path, num_surface, num_queries, seed=0, flag="--data"):
     surface = surface[:, torch.randperm(surface.shape[1], generator=g)[:num_surface]]  # a random subset, in random order
     grid = torch.from_numpy(grid)
     points = query_points(surface, num_queries, g)
-    return {"x": surface, "points": points, "occ": grid_occupancy(grid, points), "grid": grid, "label": None}
+    names = [str(v) for v in arrays["names"]] if "names" in arrays and len(arrays["names"]) == n else None
+    return {"x": surface, "points": points, "occ": grid_occupancy(grid, points), "grid": grid, "label": None,
+            "names": names}
 
 
-def read_convonet(root, num_surface, num_queries, split, seed=0, flag="--data"):
+def convonet_classes(root, flag="--data"):
+    """The class folders of a ConvONet root (or [root] when it is itself one class folder)."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"{flag} {root}: not a folder or an .npz file")
+    if any(os.path.isfile(os.path.join(root, d, "points.npz")) for d in os.listdir(root)):
+        return [root]
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def read_convonet(root, num_surface, num_queries, split=None, seed=0, flag="--data"):
     """The Occupancy Networks / ConvONet ShapeNet layout -> shape items in [-1, 1]^3.
 
     root/<class>/<id>/points.npz (`points` (N, 3) uniform in the padded cube [-0.55, 0.55]^3,
     `occupancies` np.packbits of N bools) and pointcloud.npz (`points` on the surface); the
-    ids of a split are listed in root/<class>/<split>.lst (all ids when it is missing). root
-    may also be a single class folder. Coordinates are divided by 0.55 onto [-1, 1]^3. Each
-    shape keeps num_surface surface and num_queries labelled points (a random subset), so
-    about (12 P + 12.1 Q) bytes per shape stay in memory.
+    ids of a split are listed in root/<class>/<split>.lst (split None, or no list: every id).
+    root may also be a single class folder. Coordinates are divided by 0.55 onto [-1, 1]^3.
+    Each shape keeps num_surface surface and num_queries labelled points (a random subset),
+    about 12 (P + Q) bytes per shape in memory.
     """
     import numpy as np
 
-    if not os.path.isdir(root):
-        raise SystemExit(f"{flag} {root}: not a folder or an .npz file")
-    classes = [root] if any(os.path.isfile(os.path.join(root, d, "points.npz")) for d in os.listdir(root)) else \
-        sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     g = torch.Generator().manual_seed(seed)
     surfaces, points, occs = [], [], []
-    for folder in classes:
+    for folder in convonet_classes(root, flag):
         lst = os.path.join(folder, f"{split}.lst")
-        ids = open(lst).read().split() if os.path.isfile(lst) else sorted(os.listdir(folder))
+        ids = open(lst).read().split() if split and os.path.isfile(lst) else sorted(os.listdir(folder))
         for shape_id in ids:
             d = os.path.join(folder, shape_id)
             if not os.path.isfile(os.path.join(d, "points.npz")):
@@ -650,7 +665,8 @@ def read_convonet(root, num_surface, num_queries, split, seed=0, flag="--data"):
             occs.append(torch.from_numpy(occ.astype(bool))[i])
             surfaces.append(torch.from_numpy(cloud)[j] / 0.55)
     if not surfaces:
-        raise SystemExit(f"{flag} {root}: no <class>/<id>/points.npz + pointcloud.npz found for split {split!r}")
+        raise SystemExit(f"{flag} {root}: no <class>/<id>/points.npz + pointcloud.npz found"
+                         + (f" for split {split!r}" if split else ""))
     return {"x": torch.stack(surfaces), "points": torch.stack(points), "occ": torch.stack(occs), "label": None}
 
 
@@ -800,20 +816,17 @@ class ShapeModality:
                     len(SHAPE_CLASSES))
         if data.lower().endswith(".npz") and os.path.isfile(data):
             items = read_shape_npz(data, P, Q, seed)
-        elif os.path.isdir(data) and any(os.path.isfile(os.path.join(data, f"{s}.lst")) or os.path.isdir(os.path.join(data, s))
-                                         for s in ("train", *os.listdir(data))):
-            train = read_convonet(data, P, Q, "train", seed)
-            val = read_convonet(data, P, Q, "val", seed + 1)
-            return train, val, 0
-        else:
-            raise SystemExit(f"--data {data}: expected an .npz with 'surface_points' and an occupancy grid, "
-                             f"or a ConvONet folder (<class>/<id>/points.npz)")
+        elif any(os.path.isfile(os.path.join(c, "train.lst")) for c in convonet_classes(data)):
+            # the dataset's own split: train.lst for training, val.lst for validation
+            return read_convonet(data, P, Q, "train", seed), read_convonet(data, P, Q, "val", seed + 1), 0
+        else:  # a ConvONet folder without lists: every shape, split at random below
+            items = read_convonet(data, P, Q, None, seed)
         n = len(items["x"])
         n_val = max(1, round(n * val_fraction))
         if n - n_val < 1:
             raise SystemExit(f"--data {data}: {n} shape(s) found; need at least 2 (training + validation)")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        split = lambda ids: {k: (v[ids] if torch.is_tensor(v) else v) for k, v in items.items()}
+        split = lambda ids: {k: (v[ids] if torch.is_tensor(v) else None) for k, v in items.items()}
         return split(perm[n_val:]), split(perm[:n_val]), 0
 
     def to_signal(self, x):
@@ -878,6 +891,11 @@ class ShapeModality:
         out = torch.cat([vae.query(fields, c[:, i:i + chunk])[..., 0] for i in range(0, R ** 3, chunk)], 1)
         return out.reshape(B, R, R, R)
 
+    @staticmethod
+    def default_resolution(cfg):
+        """sample.py's --resolution when none is given: meshes on the 64^3 grid."""
+        return SHAPE_EVAL_RES
+
     def preview(self, vae, fields, cfg=None, size=96):
         """Shaded pictures of the decoded shapes, ray marched through the occupancy (file 06)."""
         G = importlib.import_module("06_geometry")
@@ -904,8 +922,9 @@ class ShapeModality:
         rows, names = [previews[0]], ["reconstructed"]
         if "grid" in val:  # the data itself, ray marched through its voxels
             rows.insert(0, G.render_occupancy(grid_field(val["grid"][:8]), min(8, n), 96, 96, fov_deg=PREVIEW_FOV))
-            names.insert(0, "held out")
-        return {"iou": torch.cat(ious).mean().item()}, rows, names
+            names.insert(0, "data")
+        ious = torch.cat(ious)
+        return {"iou": ious.mean().item(), "iou_each": ious.tolist()}, rows, names
 
     @staticmethod
     def describe(scores):
@@ -949,7 +968,7 @@ class ShapeModality:
         elif source.lower().endswith(".npz") and os.path.isfile(source):
             items = read_shape_npz(source, self.num_surface, self.num_queries, cfg["seed"], flag="--reconstruct")
         else:
-            items = read_convonet(source, self.num_surface, self.num_queries, "test", cfg["seed"], flag="--reconstruct")
+            items = read_convonet(source, self.num_surface, self.num_queries, "test", cfg["seed"], "--reconstruct")
         scores, rows, names = self.evaluate(vae, items, cfg, device, n=min(n, len(items["x"])))
         m = min(n, len(items["x"]))
         cd = []
@@ -957,8 +976,12 @@ class ShapeModality:
             fields = vae.decode(vae.encode(self.to_signal(items["x"][i:i + 8].to(device))).mean)
             cloud = self.mesh_clouds(vae, fields, 2048, max(resolutions[0], 16))
             cd.append(G.chamfer(cloud, items["x"][i:i + 8, :2048]))
+        cd = torch.cat(cd)
+        shape_names = items.get("names") or [f"#{i}" for i in range(m)]
+        print("per shape (IoU, Chamfer): " + ", ".join(f"{nm} {iou:.3f} {c:.4f}" for nm, iou, c in
+                                                       zip(shape_names, scores["iou_each"], cd.tolist())))
         print(f"{m} shapes: mean IoU {scores['iou']:.3f} ({'64^3 grid' if 'grid' in items else 'query points'}), "
-              f"Chamfer distance {torch.cat(cd).mean().item():.5f} (squared, in [-1, 1]^3 units; mesh at {resolutions[0]}^3)")
+              f"Chamfer distance {cd.mean().item():.5f} (squared, in [-1, 1]^3 units; mesh at {resolutions[0]}^3)")
         return rows, names
 
     write_sheet = staticmethod(ImageModality.write_sheet)

@@ -120,7 +120,7 @@ def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ck, cfg, mod, vae, ldm = load_run(a.ckpt, device)
-    resolutions = a.resolution or [cfg["resolution"]]
+    resolutions = a.resolution or [mod.default_resolution(cfg)]
     if a.out and os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
         raise SystemExit(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist")
     if a.reconstruct is not None:

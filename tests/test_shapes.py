@@ -277,6 +277,15 @@ def test_convonet_layout_is_read_with_its_splits(tmp_path):
     # the labels travel with their points: inside exactly where |p| < 0.3 (in [-1, 1] units: 0.3 / 0.55)
     assert torch.equal(train_set["occ"], train_set["points"].norm(dim=-1) < 0.3 / 0.55)
     assert train_set["points"].abs().max() <= 1.0 + 1e-3
+    # without the lists: every shape, split at random by --val-fraction
+    for cls in ("02691156", "03001627"):
+        os.remove(tmp_path / cls / "train.lst")
+        os.remove(tmp_path / cls / "val.lst")
+    train_set, val_set, _ = SHAPE.load(str(tmp_path), 16, val_fraction=0.5)
+    assert len(train_set["x"]) == 3 and len(val_set["x"]) == 3
+    (tmp_path / "empty" / "cls" / "id").mkdir(parents=True)  # a folder with no shapes in it
+    with pytest.raises(SystemExit, match=r"^--data .*empty: no <class>/<id>/points.npz"):
+        SHAPE.load(str(tmp_path / "empty"), 16)
 
 
 @pytest.mark.parametrize("arrays, says", [
