@@ -122,17 +122,20 @@ class CFCReadout(nn.Module):
 # ----------------------------------------------------------------------------------------
 # The three variants of the ablation
 # ----------------------------------------------------------------------------------------
-def build_decoder_readout(variant, z_ch, field_ch, out_ch, ch=32, ch_mult=(1, 2, 2), hidden=64, num_layers=4):
-    """(decoder, read-out) for one of VARIANTS; the trunk and MLP depth are the same for all."""
+def build_decoder_readout(variant, z_ch, field_ch, out_ch, ch=32, ch_mult=(1, 2, 2), hidden=64, num_layers=4,
+                          embed_mult=1):
+    """(decoder, read-out) for one of VARIANTS; the trunk and MLP depth are the same for all.
+
+    embed_mult: how many field_ch-wide embeddings the lookup returns per scale (3 for a
+    tri-plane whose planes are concatenated, as for videos; 1 otherwise).
+    """
+    d = embed_mult * field_ch  # width of one scale's embedding p_s
     if variant == "single":
-        return (vae_lib.BasisFieldDecoder(z_ch, field_ch, ch, ch_mult),
-                vae_lib.ConcatReadout([field_ch], hidden, out_ch, num_layers))
+        return (vae_lib.BasisFieldDecoder(z_ch, field_ch, ch, ch_mult), vae_lib.ConcatReadout([d], hidden, out_ch, num_layers))
     if variant == "hdbf_concat":
-        return (HDBFDecoder(z_ch, field_ch, ch, ch_mult),
-                vae_lib.ConcatReadout([field_ch] * 3, hidden, out_ch, num_layers))
+        return HDBFDecoder(z_ch, field_ch, ch, ch_mult), vae_lib.ConcatReadout([d] * 3, hidden, out_ch, num_layers)
     if variant == "hdbf_cfc":
-        return (HDBFDecoder(z_ch, field_ch, ch, ch_mult),
-                CFCReadout([field_ch] * 3, hidden, out_ch, num_layers))
+        return HDBFDecoder(z_ch, field_ch, ch, ch_mult), CFCReadout([d] * 3, hidden, out_ch, num_layers)
     raise ValueError(f"unknown decoder variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 

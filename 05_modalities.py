@@ -75,15 +75,22 @@ def synthetic_params(n, seed=0, num_shapes=4):
 
 
 def synthetic_render(params, coords):
-    """Exact colours of the synthetic images at coordinates: (n, N, 2) -> (n, N, 3) in [-1, 1]."""
+    """Exact colours of the synthetic images at coordinates: (n, N, 2) -> (n, N, 3) in [-1, 1].
+
+    Coordinates (x, y, t) (n, N, 3) render the synthetic videos of the video modality: each
+    primitive then sits at centre + velocity * t (params["velocity"]); the background stays.
+    """
     label = params["label"][:, None]  # (n, 1)
+    xy = coords[..., :2]  # (n, N, 2)
     # Background: colour ramp bg0 -> bg1 along direction d, t = (<c, d> + 1) / 2 clipped to [0, 1].
     d = torch.stack([torch.cos(params["bg_dir"]), torch.sin(params["bg_dir"])], -1)  # (n, 2)
-    t = (((coords * d[:, None]).sum(-1) + 1) / 2).clamp(0, 1)[..., None]  # (n, N, 1)
+    t = (((xy * d[:, None]).sum(-1) + 1) / 2).clamp(0, 1)[..., None]  # (n, N, 1)
     img = params["bg"][:, None, 0] * (1 - t) + params["bg"][:, None, 1] * t  # (n, N, 3)
     # Primitives painted back to front; each one is a signed distance function (< 0 inside).
     for s in range(params["centre"].shape[1]):
-        rel = coords - params["centre"][:, None, s]  # (n, N, 2) position relative to the centre
+        rel = xy - params["centre"][:, None, s]  # (n, N, 2) position relative to the centre
+        if coords.shape[-1] == 3:  # a video: the centre moves, centre(t) = centre + velocity t
+            rel = rel - params["velocity"][:, None, s] * coords[..., 2:]
         r = params["size"][:, None, s]  # (n, 1)
         dist = rel.norm(dim=-1)  # (n, N)
         # rotate into the square's frame: (u, v) = R(-angle) rel
@@ -226,8 +233,11 @@ class ImageModality:
     synthetic_train, synthetic_val = 5000, 256  # sizes of the built-in dataset
 
     # -- data ------------------------------------------------------------------------------
-    def load(self, data, resolution, val_fraction=0.1, seed=0):
-        """-> (train, val, num_classes); train/val are dicts {"x": (n, 3, R, R), "label": (n,) or None}."""
+    def load(self, data, resolution, val_fraction=0.1, seed=0, frames=None):
+        """-> (train, val, num_classes); train/val are dicts {"x": (n, 3, R, R), "label": (n,) or None}.
+
+        (frames: the clip length, used by the video modality only.)
+        """
         if data is None:  # the built-in synthetic images, with their class labels
             tr = synthetic_params(self.synthetic_train, seed=seed)
             va = synthetic_params(self.synthetic_val, seed=seed + 1_000_003)
@@ -320,7 +330,7 @@ class ImageModality:
     def describe(scores):
         return f"validation PSNR {scores['psnr']:.2f} dB"
 
-    def sample_outputs(self, vae, fields, resolutions, out):
+    def sample_outputs(self, vae, fields, cfg, resolutions, out):
         """sample.py: the sampled INRs rendered at every resolution -> sheet rows and names."""
         return [self.render(vae, fields, R).cpu() for R in resolutions], [f"{R}x{R}" for R in resolutions]
 
@@ -806,8 +816,8 @@ class ShapeModality:
     num_surface, num_queries, encoder_points = 4096, 8192, 1024  # P, Q kept per shape; points the encoder sees
 
     # -- data ------------------------------------------------------------------------------
-    def load(self, data, resolution, val_fraction=0.1, seed=0):
-        """-> (train, val, num_classes); dicts of tensors sharing their first dimension."""
+    def load(self, data, resolution, val_fraction=0.1, seed=0, frames=None):
+        """-> (train, val, num_classes); dicts of tensors sharing their first dimension (frames: videos only)."""
         P, Q = self.num_surface, self.num_queries
         if data is None:  # the built-in synthetic shapes, with their classes; exact grids for IoU
             tr = synthetic_shape_params(self.synthetic_train, seed=seed)
@@ -943,7 +953,7 @@ class ShapeModality:
             clouds.append(G.sample_mesh_surface(verts, faces, num_points, g) if len(faces) else torch.zeros(num_points, 3))
         return torch.stack(clouds)
 
-    def sample_outputs(self, vae, fields, resolutions, out):
+    def sample_outputs(self, vae, fields, cfg, resolutions, out):
         """sample.py: a mesh per sample and resolution (<out>_<k>_<R>.obj), and their previews."""
         if out is not None:
             G = importlib.import_module("06_geometry")
@@ -987,8 +997,362 @@ class ShapeModality:
     write_sheet = staticmethod(ImageModality.write_sheet)
 
 
+# ========================================================================================
+# The video modality: functions of (x, y, t) (paper Sec. 4.3)
+# ========================================================================================
+# A clip is the function v: [-1, 1]^3 -> RGB of (x, y, t); frame k of T sits at the time
+# t_k = -1 + (2k + 1) / T, the same pixel-centre rule as x and y. Its latent is a
+# tri-plane over (x, y, t): planes xy, xt, yt (file 01's TRIPLANE_AXES read with t as the
+# third axis), looked up like a shape's but with the three embeddings CONCATENATED (the
+# paper's choice for video: the time planes carry different information from the xy plane,
+# a sum would blur them together), then file 03's CFC read-out maps them to RGB. Because
+# t is continuous, a trained model renders frames between its training frames, at any
+# frame rate and any spatial size.
+#
+# Encoder: we chose a 3D-conv encoder over the paper's TimeSformer-like transformer. At the
+# sizes a CPU trains (16 frames of 32x32 or 64x64) a few 3D convolutions see the whole clip
+# and cost little; attention's long range matters at 256x256, where a user has a GPU and can
+# swap the trunk. The 3D trunk halves x and y per level (time keeps its frames), its
+# feature volume (B, C, T, h, h) is resampled to an h x h x h cube and averaged along one
+# axis per plane: over t gives xy, over y gives xt, over x gives yt. Then a shared 2D conv
+# makes each plane's posterior.
+#
+# Planes of one size: the paper's time planes are smaller than its xy plane; resampling
+# the time axis to h makes all three h x h, so they stack on channels (B, 3Z, h, h) for
+# file 04's UNet exactly like a shape's tri-plane, with no packing scheme to explain.
+# Training draws K random (x, y, t) voxel centres per clip and their colours.
+def video_grid(T, H, W, device=None):
+    """(x, y, t) of every voxel centre of a clip, (T, H, W, 3)."""
+    t, y, x = inr.pixel_centers(T, device), inr.pixel_centers(H, device), inr.pixel_centers(W, device)
+    tt, yy, xx = torch.meshgrid(t, y, x, indexing="ij")  # (T, H, W) each
+    return torch.stack([xx, yy, tt], -1)
+
+
+def synthetic_video_params(n, seed=0):
+    """The synthetic images' parameters, plus a velocity per primitive (coordinate units per unit of t)."""
+    p = synthetic_params(n, seed=seed, num_shapes=3)
+    g = torch.Generator().manual_seed(seed + 7)
+    # t spans 2 over a clip: a primitive moves at most 0.6 over the clip
+    p["velocity"] = (torch.rand(n, 3, 2, generator=g) * 2 - 1) * 0.3  # (n, S, 2)
+    return p
+
+
+def synthetic_clips(params, T, H, W):
+    """The synthetic videos rendered exactly at any size and frame count: (n, 3, T, H, W) in [-1, 1]."""
+    n = params["label"].shape[0]
+    c = video_grid(T, H, W).reshape(1, -1, 3).expand(n, -1, -1)  # (n, T H W, 3)
+    return synthetic_render(params, c).reshape(n, T, H, W, 3).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def random_voxels(clips, K, generator=None):
+    """K random voxel centres per clip and their colours: coords (B, K, 3) as (x, y, t), target (B, K, 3)."""
+    B, C, T, H, W = clips.shape
+    idx = torch.randint(T * H * W, (B, K), generator=generator).to(clips.device)  # (B, K) flat index
+    grid = video_grid(T, H, W, clips.device).reshape(T * H * W, 3)
+    return grid[idx], clips.flatten(2).gather(2, idx[:, None].expand(B, C, K)).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading clips: a folder with one sub-folder of frames per clip, or a clip array
+# ----------------------------------------------------------------------------------------
+def read_clips(path, frames, resolution, flag="--data"):
+    """A clip folder (SkyTimelapse layout) or an .npz/.npy clip array -> uint8 (n, 3, T, R, R).
+
+    Folder: path/<clip>/ (or path/<group>/<clip>/) holds one clip's frames as .png/.jpg,
+    in name order; each clip gives its first T frames (shorter clips are skipped, and said).
+    Array: (n, T0, H, W, 3) RGB or (n, T0, H, W) grey, uint8 or float in [0, 1], key 'clips'
+    (or the only array), T0 >= T. Frames are centre-cropped and resized like images.
+    """
+    import numpy as np
+
+    if os.path.isfile(path) and path.lower().endswith((".npz", ".npy")):
+        try:
+            if path.lower().endswith(".npy"):
+                a, key = np.load(path, mmap_mode="r", allow_pickle=False), "array"
+            else:
+                with np.load(path, allow_pickle=False) as f:
+                    keys = list(f.keys())
+                    if "clips" not in keys and len(keys) != 1:
+                        raise SystemExit(f"{flag} {path}: expected an array named 'clips' (or a single array); "
+                                         f"found {', '.join(keys) or 'none'}")
+                    key = "clips" if "clips" in keys else keys[0]
+                    a = f[key]
+        except SystemExit:
+            raise
+        except Exception as e:
+            raise SystemExit(f"{flag} {path}: cannot read this array ({type(e).__name__}: {str(e)[:120]})")
+        ok = (a.ndim == 4 or (a.ndim == 5 and a.shape[-1] in (1, 3, 4))) and len(a) and a.shape[1] >= frames
+        ok = ok and (a.dtype == np.uint8 or (a.dtype.kind == "f" and 0 <= a.min() and a.max() <= 1))
+        if not ok:
+            raise SystemExit(f"{flag} {path}: {key} is {a.dtype} {a.shape}; expected clips (n, T, H, W, 3) or "
+                             f"(n, T, H, W), uint8 or float in [0, 1], with T >= {frames} frames")
+        a = a[:, :frames]
+        a = a[..., None] if a.ndim == 4 else a  # (n, T, H, W, C)
+        # every frame is an image: fold time into the batch, in chunks of clips
+        out = [square_uint8(torch.from_numpy(to_unit_rgb(np.asarray(a[i:i + 16]).reshape(-1, *a.shape[2:]))), resolution)
+               for i in range(0, len(a), 16)]
+        return torch.cat(out).reshape(len(a), frames, 3, resolution, resolution).transpose(1, 2).contiguous()
+    if not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: not a folder or an .npz/.npy file (expected a folder of clip "
+                         f"sub-folders of frames, or a clip array)")
+    clips, lengths = [], []
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        frame_files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        if root != path and frame_files:
+            lengths.append(len(frame_files))
+            if len(frame_files) >= frames:  # (name order: zero-padded frame numbers sort right)
+                clips.append(torch.stack([read_image(os.path.join(root, f), resolution) for f in frame_files[:frames]], 1))
+    if not clips:
+        raise SystemExit(f"{flag} {path}: no clip with {frames} frames or more (found {len(lengths)} clip folder(s), "
+                         f"longest {max(lengths, default=0)} frames); expected {path}/<clip>/<frame>.png")
+    if len(clips) < len(lengths):
+        print(f"{flag} {path}: skipped {len(lengths) - len(clips)} clip(s) shorter than {frames} frames")
+    return torch.stack(clips)  # (n, 3, T, R, R)
+
+
+def write_clips(rows, path, row_names=None, title=None, fps=8, strip_frames=8):
+    """Rows of clips (each (n, 3, T_row, R_row, R_row) in [-1, 1]) -> a PNG strip at `path` (the
+    first clip of each row, strip_frames frames side by side) and an animated GIF beside it.
+
+    Rows of lower resolution are enlarged with nearest-neighbour copies, and a row with fewer
+    frames holds each one longer, so that all rows play in step (frame floor(k T_row / T_max)).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    size, T = max(r.shape[-1] for r in rows), max(r.shape[2] for r in rows)
+    # (n, T_row, size, size, 3) in [0, 1], enlarged by nearest-neighbour copies
+    big = [F.interpolate(r.float().cpu().transpose(1, 2).flatten(0, 1), size=(size, size), mode="nearest")
+           .unflatten(0, (len(r), -1)).permute(0, 1, 3, 4, 2).add(1).div(2).clamp(0, 1).numpy() for r in rows]
+    n = max(len(b) for b in big)
+
+    def grid(n_cols):
+        fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols + 0.6, 1.3 * len(rows) + 0.4), squeeze=False)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+        for i, name in enumerate(row_names or []):
+            axes[i, 0].set_ylabel(name, fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        return fig, axes
+
+    # the GIF: one cell per clip, every row at frame floor(k T_row / T) at step k
+    fig, axes = grid(n)
+    ims = [[axes[i, k].imshow(b[k, 0], interpolation="nearest") for k in range(len(b))] for i, b in enumerate(big)]
+    fig.tight_layout()
+
+    def show(k):
+        for b, row in zip(big, ims):
+            for j, im in enumerate(row):
+                im.set_data(b[j, k * b.shape[1] // T])
+        return [im for row in ims for im in row]
+
+    gif = os.path.splitext(path)[0] + ".gif"
+    FuncAnimation(fig, show, frames=T, interval=1000 / fps).save(gif + ".tmp.gif", writer=PillowWriter(fps=fps), dpi=80)
+    plt.close(fig)
+    os.replace(gif + ".tmp.gif", gif)
+    # the strip: strip_frames frames of the first clip of each row, evenly spaced in time
+    fig, axes = grid(strip_frames)
+    for i, b in enumerate(big):
+        for j in range(strip_frames):
+            axes[i, j].imshow(b[0, j * b.shape[1] // strip_frames], interpolation="nearest")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ----------------------------------------------------------------------------------------
+# The encoder: 3D convolutions, then one axis collapsed per plane
+# ----------------------------------------------------------------------------------------
+def collapse_volume(vol):
+    """A feature volume (B, C, T, h, w) with axes t, y, x -> planes xy, xt, yt (B, 3, C, w, w).
+
+    Time is first resampled to w (and y too, if h != w): the three planes come out equal.
+    """
+    w = vol.shape[-1]
+    vol = F.adaptive_avg_pool3d(vol, (w, w, w))  # (B, C, w, w, w)
+    # xy (height y, width x): average over t; xt (height t, width x): over y; yt (height t, width y): over x
+    return torch.stack([vol.mean(2), vol.mean(3), vol.mean(4)], 1)
+
+
+class VideoEncoder(nn.Module):
+    """Clips (B, 3, T, R, R) -> posterior parameters of a tri-plane (B, 3, 2Z, h, h), h = R / 2^(L-1)."""
+
+    def __init__(self, z_ch, ch=32, ch_mult=(1, 2, 2)):
+        super().__init__()
+        chs = [ch * m for m in ch_mult]
+        layers = [nn.Conv3d(3, chs[0], 3, padding=1), nn.SiLU()]
+        for i in range(1, len(chs)):  # halve x and y, keep the frames
+            layers += [nn.Conv3d(chs[i - 1], chs[i], 3, stride=(1, 2, 2), padding=1), nn.SiLU(),
+                       nn.Conv3d(chs[i], chs[i], 3, padding=1), nn.SiLU()]
+        self.trunk = nn.Sequential(*layers)
+        V = importlib.import_module("02_d2c_vae")
+        # per plane (shared weights): GroupNorm, SiLU, conv to the mean and log-variance
+        self.head = nn.Sequential(V.norm(chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], 2 * z_ch, 3, padding=1))
+
+    def forward(self, clips):
+        planes = collapse_volume(self.trunk(clips))  # (B, 3, C, h, h)
+        B = planes.shape[0]
+        return self.head(planes.flatten(0, 1)).unflatten(0, (B, 3))  # (B, 3, 2Z, h, h)
+
+
+# ----------------------------------------------------------------------------------------
+# The video modality record
+# ----------------------------------------------------------------------------------------
+class VideoModality:
+    """Everything train.py and sample.py need to know about videos.
+
+    Data items are clips (3, T, R, R), stored as uint8 (files) or float (synthetic);
+    cfg["frames"] is T, cfg["resolution"] is R.
+    """
+
+    name = "video"
+    presets = {
+        # tiny: 16 frames of 32x32, latent 3 x 8 x 8 x 8, fields at 8, 16, 32 per plane
+        "tiny": dict(resolution=32, frames=16, batch_size=8, coords_per_item=1024, z_ch=8, enc_ch=32,
+                     enc_mult=(1, 2, 2), field_ch=16, mlp_hidden=64, mlp_layers=4, lambda_z=1e-3, vae_steps=3000,
+                     vae_lr=1e-3, ldm_ch=64, ldm_mult=(1, 2), ldm_attn=(1,), ldm_steps=4000, ldm_batch=32,
+                     ldm_lr=2e-4, ema_decay=0.999, sampler="ddpm", sample_steps=100),
+        # paper: 16 frames of 256x256 (SkyTimelapse), xy latent 64 ch at 32x32 (DESIGN.md section 2)
+        "paper": dict(resolution=256, frames=16, batch_size=8, coords_per_item=16384, z_ch=64, enc_ch=64,
+                      enc_mult=(1, 2, 2, 2), field_ch=64, mlp_hidden=256, mlp_layers=5, lambda_z=1e-3,
+                      vae_steps=300_000, vae_lr=1e-4, ldm_ch=128, ldm_mult=(1, 2, 2), ldm_attn=(1, 2),
+                      ldm_steps=500_000, ldm_batch=32, ldm_lr=1e-4, ema_decay=0.9999, sampler="ddim",
+                      sample_steps=50),
+    }
+    synthetic_train, synthetic_val = 1000, 64
+
+    def load(self, data, resolution, val_fraction=0.1, seed=0, frames=16):
+        """-> (train, val, num_classes); train/val are dicts {"x": (n, 3, T, R, R), "label": ...}."""
+        if data is None:  # the built-in synthetic videos, with their classes
+            tr = synthetic_video_params(self.synthetic_train, seed=seed)
+            va = synthetic_video_params(self.synthetic_val, seed=seed + 1_000_003)
+            return ({"x": synthetic_clips(tr, frames, resolution, resolution), "label": tr["label"]},
+                    {"x": synthetic_clips(va, frames, resolution, resolution), "label": va["label"], "params": va},
+                    len(SYNTHETIC_CLASSES))
+        x = read_clips(data, frames, resolution)
+        n_val = max(1, round(len(x) * val_fraction))
+        if len(x) - n_val < 1:
+            raise SystemExit(f"--data {data}: {len(x)} clip(s) found; need at least 2 (training + validation)")
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        return {"x": x[perm[n_val:]], "label": None}, {"x": x[perm[:n_val]], "label": None}, 0
+
+    to_signal = staticmethod(ImageModality.to_signal)  # uint8 -> [-1, 1], floats as they are
+    recon = staticmethod(ImageModality.recon)  # the Laplace (L1) likelihood of images, per frame pixel
+
+    def build_vae(self, cfg):
+        """3D-conv encoder -> tri-plane (xy, xt, yt) -> HDBF fields per plane -> concat lookup -> CFC -> RGB."""
+        import functools
+
+        V, Hd = importlib.import_module("02_d2c_vae"), importlib.import_module("03_hdbf_cfc")
+        decoder, readout = Hd.build_decoder_readout(cfg["variant"], cfg["z_ch"], cfg["field_ch"], 3, cfg["enc_ch"],
+                                                    tuple(cfg["enc_mult"]), cfg["mlp_hidden"], cfg["mlp_layers"],
+                                                    embed_mult=3)
+        encoder = VideoEncoder(cfg["z_ch"], cfg["enc_ch"], tuple(cfg["enc_mult"]))
+        return V.D2CVAE(encoder, decoder, readout, functools.partial(inr.triplane_lookup, combine="concat"))
+
+    latent_shape = ShapeModality.latent_shape  # three h x h planes stacked on channels: (3Z, h, h)
+    unstack_planes = ShapeModality.unstack_planes
+
+    def training_batch(self, data, idx, K, generator, device):
+        """-> (clips (B, 3, T, R, R), coords (B, K, 3) as (x, y, t), colours (B, K, 3))."""
+        x = self.to_signal(data["x"][idx].to(device, non_blocking=True))
+        B, C, T, H, W = x.shape
+        if K <= 0:
+            return x, video_grid(T, H, W, x.device).reshape(1, -1, 3).expand(B, -1, -1), x.flatten(2).transpose(1, 2)
+        return (x, *random_voxels(x, K, generator))
+
+    @staticmethod
+    def values_per_item(cfg):
+        """D_x of the ELBO's scaling (file 02): colour values per clip."""
+        return 3 * cfg["frames"] * cfg["resolution"] ** 2
+
+    @staticmethod
+    def default_resolution(cfg):
+        return cfg["resolution"]
+
+    def render(self, vae, fields, resolution, frames, chunk=65536):
+        """The decoded INRs on any (frames, resolution, resolution) voxel-centre grid: (B, 3, T, R, R)."""
+        B = fields[0].shape[0]
+        c = video_grid(frames, resolution, resolution, fields[0].device).reshape(1, -1, 3).expand(B, -1, -1)
+        out = torch.cat([vae.query(fields, c[:, i:i + chunk]) for i in range(0, c.shape[1], chunk)], 1)
+        return out.reshape(B, frames, resolution, resolution, 3).permute(0, 4, 1, 2, 3).clamp(-1, 1)
+
+    def preview(self, vae, fields, cfg):
+        return self.render(vae, fields, cfg["resolution"], cfg["frames"])
+
+    def evaluate(self, vae, val, cfg, device):
+        """Validation PSNR over every frame, from the posterior mean -> (scores, rows, names)."""
+        scores, rec = [], []
+        for i in range(0, len(val["x"]), 16):
+            x = self.to_signal(val["x"][i:i + 16].to(device))
+            r = self.preview(vae, vae.decode(vae.encode(x).mean), cfg)
+            scores.append(inr.psnr(r, x) * len(x))
+            rec.append(r.cpu())
+        return ({"psnr": sum(scores) / len(val["x"])}, [self.to_signal(val["x"][:6]), torch.cat(rec)[:6]],
+                ["held out", "reconstructed"])
+
+    describe = staticmethod(ImageModality.describe)
+
+    @staticmethod
+    def write_sheet(rows, path, row_names=None, title=None):
+        """A frame strip PNG at `path` and the animated GIF beside it (.png -> .gif)."""
+        write_clips(rows, path, row_names, title)
+
+    def sample_outputs(self, vae, fields, cfg, resolutions, out):
+        """sample.py: the sampled clips at every resolution, with cfg["frames"] frames -> rows, names."""
+        T = cfg["frames"]
+        return [self.render(vae, fields, R, T).cpu() for R in resolutions], [f"{R}x{R}, {T} frames" for R in resolutions]
+
+    def reconstruct(self, vae, cfg, source, resolutions, n, device):
+        """sample.py --reconstruct: encode clips at the training size, render them at every
+        resolution with cfg["frames"] frames (any number: t is continuous), print PSNRs.
+
+        `source` is "synthetic" (exact ground truth at any size and frame rate), a clip
+        folder or a clip array (ground truth: its first cfg["frames"] frames, so only the
+        training frame count can be compared). The baseline beside each PSNR: trilinear
+        interpolation (in x, y and t) of the reconstruction at the training size and frames.
+        """
+        R0, T0, T = cfg["resolution"], cfg["train_frames"], cfg["frames"]
+        if source == "synthetic":
+            va = synthetic_video_params(max(n, 1), seed=cfg["seed"] + 1_000_003)  # train.py's validation clips
+            x_in = synthetic_clips(va, T0, R0, R0)
+            truth = {R: synthetic_clips(va, T, R, R) for R in resolutions}
+        else:
+            x_in = read_clips(source, T0, R0, flag="--reconstruct")[:n]
+            if T != T0:
+                raise SystemExit(f"--frames {T}: data clips are compared at their own {T0} frames; "
+                                 f"use --reconstruct synthetic for other frame rates")
+            truth = {R: self.to_signal(read_clips(source, T, R, flag="--reconstruct")[:n]) for R in resolutions}
+        rows, names = [], []
+        for R in resolutions:
+            recs, base = [], []
+            for i in range(0, len(x_in), 8):
+                fields = vae.decode(vae.encode(self.to_signal(x_in[i:i + 8].to(device))).mean)
+                recs.append(self.render(vae, fields, R, T).cpu())
+                base.append(F.interpolate(self.render(vae, fields, R0, T0), size=(T, R, R), mode="trilinear",
+                                          align_corners=False).cpu())
+            rec = torch.cat(recs)
+            line = f"{R}x{R}, {T} frames: mean PSNR {inr.psnr(rec, truth[R]):.2f} dB over {len(rec)} clips"
+            if (R, T) != (R0, T0):
+                line += (f" (trilinear interpolation of the {R0}x{R0}, {T0}-frame reconstruction: "
+                         f"{inr.psnr(torch.cat(base), truth[R]):.2f} dB)")
+            print(line)
+            rows += [truth[R][:6], rec[:6]]
+            names += [f"data {R}", f"INR {R}"]
+        return rows, names
+
+
 # One record per modality; the drivers look modalities up here by name.
-MODALITIES = {"image": ImageModality(), "shape": ShapeModality()}
+MODALITIES = {"image": ImageModality(), "shape": ShapeModality(), "video": VideoModality()}
 
 
 # ----------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a run")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--resolution", type=positive_ints, default=None, help="R or R1,R2,...: render sizes")
+    p.add_argument("--frames", type=int, default=None, help="videos: frames to render, any number (default: the training T)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps; default: the run's sample_steps")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
@@ -52,6 +53,8 @@ def parse_args(argv):
     a = p.parse_args(argv)
     if a.n < 1:
         p.error(f"--n {a.n}: expected a positive number")
+    if a.frames is not None and a.frames < 1:
+        p.error(f"--frames {a.frames}: expected a positive number")
     if a.steps is not None and not 1 <= a.steps <= 1000:
         p.error(f"--steps {a.steps}: expected 1..1000")
     return a
@@ -105,7 +108,7 @@ def sample(a, ck, cfg, mod, vae, ldm, device, resolutions, write=True):
     fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
     out = a.out or os.path.join(os.path.dirname(a.ckpt), "sample.png")
     # the same INRs at every resolution (shapes: also one mesh per sample, written next to out)
-    rows, names = mod.sample_outputs(vae, fields, resolutions, out if write else None)
+    rows, names = mod.sample_outputs(vae, fields, cfg, resolutions, out if write else None)
     if not write:
         return rows
     print(f"sampled {a.n} latents ({a.sampler}, {a.steps} steps) and rendered at {resolutions} in {time.time() - t0:.1f} s")
@@ -121,6 +124,8 @@ def main(argv=None):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ck, cfg, mod, vae, ldm = load_run(a.ckpt, device)
     resolutions = a.resolution or [mod.default_resolution(cfg)]
+    # videos: render a.frames frames (t is continuous); the encoder still sees the training frames
+    cfg = {**cfg, "train_frames": cfg.get("frames"), "frames": a.frames or cfg.get("frames")}
     if a.out and os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
         raise SystemExit(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist")
     if a.reconstruct is not None:

@@ -49,6 +49,7 @@ class Config:
     steps: int = 0  # optimiser steps per stage; 0: the preset's, or as many as fit in --max-minutes
     max_minutes: float = 0.0  # wall-clock bound per stage (the schedules are planned to fit); 0: none
     resolution: int = 0  # training resolution R; 0: the preset's
+    frames: int = 0  # videos: frames per clip T; 0: the preset's
     batch_size: int = 0  # stage-1 batch; 0: the preset's
     val_fraction: float = 0.1  # share of a data folder held out for validation
     log_every: int = 50  # steps between progress lines
@@ -81,7 +82,7 @@ class Config:
 # The range of every numeric flag: (lowest, highest, what to say when it is outside).
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
 NUMBER_RANGES = {
-    **{k: _POS for k in ("resolution", "batch_size", "log_every", "ckpt_every", "z_ch", "enc_ch", "field_ch",
+    **{k: _POS for k in ("resolution", "frames", "batch_size", "log_every", "ckpt_every", "z_ch", "enc_ch", "field_ch",
                          "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch", "ldm_steps", "ldm_batch", "sample_steps")},
     **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z")},
     "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
@@ -506,7 +507,8 @@ def train_run(cfg, given):
     torch.manual_seed(cfg["seed"])
     mod = M.MODALITIES[cfg["modality"]]
     t_load = time.time()
-    train, val, num_classes = mod.load(cfg["data"], cfg["resolution"], cfg["val_fraction"], cfg["seed"])
+    train, val, num_classes = mod.load(cfg["data"], cfg["resolution"], cfg["val_fraction"], cfg["seed"],
+                                       frames=cfg.get("frames"))
     print(f"data: {len(train['x'])} training and {len(val['x'])} validation items "
           f"({cfg['data'] or 'built-in synthetic'}, {cfg['resolution']}x{cfg['resolution']}, {time.time() - t_load:.0f} s)")
 
