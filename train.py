@@ -577,7 +577,8 @@ def train_run(cfg, given):
         print(f"\ninterrupted: saved {ckpt_path}; continue with: python train.py --out {run} --resume")
         sys.exit(130)
     metrics()
-    print(f"metrics: {json.dumps({k: v for k, v in json.load(open(os.path.join(run, 'metrics.json'))).items() if k != 'config'})}")
+    m = json.load(open(os.path.join(run, "metrics.json")))  # the numbers, without config and per-item lists
+    print("metrics: " + json.dumps({s: {k: v for k, v in m[s].items() if not isinstance(v, list)} for s in ("stage1", "stage2")}))
 
 
 if __name__ == "__main__":
