@@ -376,33 +376,37 @@ class ImageModality:
         Rows of lower resolution are enlarged with nearest-neighbour copies so that every
         pixel stays visible as it was produced.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         size = max(r.shape[-1] for r in rows)
-        n = max(r.shape[0] for r in rows)
-        fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 0.6, 1.3 * len(rows) + 0.4), squeeze=False)
+        fig, axes = sheet_axes(len(rows), max(r.shape[0] for r in rows), row_names, title)
         for i, row in enumerate(rows):
             big = torch.nn.functional.interpolate(row.float().cpu(), size=(size, size), mode="nearest")
-            for k in range(n):
-                ax = axes[i, k]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for side in ax.spines.values():
-                    side.set_visible(False)
-                if k < len(big):
-                    ax.imshow(((big[k].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
-            if row_names:
-                axes[i, 0].set_ylabel(row_names[i], fontsize=8)
-        if title:
-            fig.suptitle(title, fontsize=9)
+            for k in range(len(big)):
+                axes[i, k].imshow(((big[k].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
         fig.tight_layout()
         tmp = path + ".tmp.png"
         fig.savefig(tmp, dpi=100)
-        plt.close(fig)
         os.replace(tmp, path)
+
+
+def sheet_axes(n_rows, n_cols, row_names=None, title=None):
+    """A matplotlib figure with a grid of bare picture cells (no ticks, no frame), rows named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 0.6, 1.3 * n_rows + 0.4), squeeze=False)
+    plt.close(fig)  # pyplot forgets it (no figure piles up); the caller still draws into and saves it
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    for i, name in enumerate(row_names or []):
+        axes[i, 0].set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig, axes
 
 
 # ========================================================================================
@@ -821,9 +825,7 @@ class ShapeModality:
         P, Q = self.num_surface, self.num_queries
         if data is None:  # the built-in synthetic shapes, with their classes; exact grids for IoU
             tr = synthetic_shape_params(self.synthetic_train, seed=seed)
-            va = synthetic_shape_params(self.synthetic_val, seed=seed + 1_000_003)
-            return (synthetic_shapes(tr, P, Q, seed=seed), synthetic_shapes(va, P, Q, SHAPE_EVAL_RES, seed=seed + 1),
-                    len(SHAPE_CLASSES))
+            return synthetic_shapes(tr, P, Q, seed=seed), self.held_out_synthetic(seed), len(SHAPE_CLASSES)
         if data.lower().endswith(".npz") and os.path.isfile(data):
             items = read_shape_npz(data, P, Q, seed)
         elif any(os.path.isfile(os.path.join(c, "train.lst")) for c in convonet_classes(data)):
@@ -838,6 +840,11 @@ class ShapeModality:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         split = lambda ids: {k: (v[ids] if torch.is_tensor(v) else None) for k, v in items.items()}
         return split(perm[n_val:]), split(perm[:n_val]), 0
+
+    def held_out_synthetic(self, seed=0):
+        """The held-out synthetic shapes of train.py (with their exact 64^3 grids)."""
+        va = synthetic_shape_params(self.synthetic_val, seed=seed + 1_000_003)
+        return synthetic_shapes(va, self.num_surface, self.num_queries, SHAPE_EVAL_RES, seed=seed + 1)
 
     def to_signal(self, x):
         """Stored surface points -> the encoder's input: the first encoder_points (a random subset)."""
@@ -911,22 +918,28 @@ class ShapeModality:
         G = importlib.import_module("06_geometry")
         return G.render_occupancy(self.field(vae, fields), fields[0].shape[0], size, size, fov_deg=PREVIEW_FOV)
 
-    def evaluate(self, vae, val, cfg, device, n=None):
+    def evaluate(self, vae, val, cfg, device, n=None, chamfer=False):
         """Mean IoU of the reconstructions (posterior mean) -> (scores, sheet rows, names).
 
-        On the 64^3 grid when the data has one, else on the stored (uniform) query points.
+        IoU on the 64^3 grid when the data has one, else on the stored (uniform) query points.
+        chamfer=True also meshes each reconstruction's 64^3 logits (the grid the IoU used) and
+        adds the Chamfer distance between 2048 of its points and 2048 of the data's surface.
         """
         G = importlib.import_module("06_geometry")
         n = len(val["x"]) if n is None else n
-        ious, previews = [], []
+        ious, cds, previews = [], [], []
         for i in range(0, n, 8):
             fields = vae.decode(vae.encode(self.to_signal(val["x"][i:i + 8].to(device))).mean)
+            R = val["grid"].shape[-1] if "grid" in val else SHAPE_EVAL_RES
+            logits = self.logit_grid(vae, fields, R) if "grid" in val or chamfer else None  # (b, R, R, R)
             if "grid" in val:
-                pred, truth = self.logit_grid(vae, fields, val["grid"].shape[-1]) > 0, val["grid"][i:i + 8].to(device)
+                pred, truth = logits > 0, val["grid"][i:i + 8].to(device)
             else:
                 pred, truth = vae.query(fields, val["points"][i:i + 8].to(device))[..., 0] > 0, val["occ"][i:i + 8].to(device)
             # IoU = |pred and truth| / |pred or truth|, per shape
             ious.append(((pred & truth).flatten(1).sum(1) / (pred | truth).flatten(1).sum(1).clamp(min=1)).cpu())
+            if chamfer:
+                cds.append(G.chamfer(self.mesh_clouds(logits, 2048, seed=i), val["x"][i:i + 8, :2048]))
             if i == 0:
                 previews.append(self.preview(vae, fields, cfg).cpu())
         rows, names = [previews[0]], ["reconstructed"]
@@ -934,21 +947,25 @@ class ShapeModality:
             rows.insert(0, G.render_occupancy(grid_field(val["grid"][:8]), min(8, n), 96, 96, fov_deg=PREVIEW_FOV))
             names.insert(0, "data")
         ious = torch.cat(ious)
-        return {"iou": ious.mean().item(), "iou_each": ious.tolist()}, rows, names
+        scores = {"iou": ious.mean().item(), "iou_each": ious.tolist()}
+        if chamfer:
+            scores["chamfer_each"] = torch.cat(cds).tolist()
+        return scores, rows, names
 
     @staticmethod
     def describe(scores):
         return f"validation IoU {scores['iou']:.3f} (64^3)"
 
-    def mesh_clouds(self, vae, fields, num_points=2048, R=SHAPE_EVAL_RES, seed=0):
-        """num_points points on the surface of each decoded shape's mesh, (B, num_points, 3).
+    @staticmethod
+    def mesh_clouds(logits, num_points=2048, seed=0):
+        """num_points points on the surface of each shape's mesh: logit grids (B, R, R, R) -> (B, num_points, 3).
 
         A shape with no surface at all (everything outside) gets its points at the origin.
         """
         G = importlib.import_module("06_geometry")
         g = torch.Generator().manual_seed(seed)
         clouds = []
-        for grid in self.logit_grid(vae, fields, R).cpu():
+        for grid in logits.cpu():
             verts, faces = G.extract_mesh(grid, 0.0)
             clouds.append(G.sample_mesh_surface(verts, faces, num_points, g) if len(faces) else torch.zeros(num_points, 3))
         return torch.stack(clouds)
@@ -961,37 +978,32 @@ class ShapeModality:
             for R in resolutions:
                 for k, grid in enumerate(self.logit_grid(vae, fields, R).cpu()):
                     G.write_obj(f"{stem}_{k}_{R}.obj", *G.extract_mesh(grid, 0.0))
-            print(f"wrote {len(fields[0]) * len(resolutions)} meshes {stem}_<k>_<R>.obj (surface nets, {resolutions}^3)")
+            print(f"wrote {len(fields[0]) * len(resolutions)} meshes {stem}_<k>_<R>.obj (surface nets at "
+                  + ", ".join(f"{R}^3" for R in resolutions) + ")")
         return [self.preview(vae, fields, None).cpu()], ["samples"]
 
     def reconstruct(self, vae, cfg, source, resolutions, n, device):
-        """sample.py --reconstruct: encode every shape of `source` from its surface points,
+        """sample.py --reconstruct: encode every shape of `source` (n of the synthetic ones) from its surface points,
         print the mean IoU (64^3 grid, or the stored query points) and the Chamfer distance
         between 2048 points of the mesh and 2048 of the data's surface -> previews.
 
         `source` is "synthetic", an .npz of grids + surface points, or a ConvONet folder
         (its test.lst, or every shape when there is none).
         """
-        G = importlib.import_module("06_geometry")
         if source == "synthetic":
-            items = self.load(None, cfg["resolution"], seed=cfg["seed"])[1]
+            items = self.held_out_synthetic(cfg["seed"])
         elif source.lower().endswith(".npz") and os.path.isfile(source):
             items = read_shape_npz(source, self.num_surface, self.num_queries, cfg["seed"], flag="--reconstruct")
         else:
             items = read_convonet(source, self.num_surface, self.num_queries, "test", cfg["seed"], "--reconstruct")
-        scores, rows, names = self.evaluate(vae, items, cfg, device, n=min(n, len(items["x"])))
-        m = min(n, len(items["x"]))
-        cd = []
-        for i in range(0, m, 8):
-            fields = vae.decode(vae.encode(self.to_signal(items["x"][i:i + 8].to(device))).mean)
-            cloud = self.mesh_clouds(vae, fields, 2048, max(resolutions[0], 16))
-            cd.append(G.chamfer(cloud, items["x"][i:i + 8, :2048]))
-        cd = torch.cat(cd)
+        m = min(n, len(items["x"])) if source == "synthetic" else len(items["x"])  # a file: every shape
+        scores, rows, names = self.evaluate(vae, items, cfg, device, n=m, chamfer=True)
         shape_names = items.get("names") or [f"#{i}" for i in range(m)]
         print("per shape (IoU, Chamfer): " + ", ".join(f"{nm} {iou:.3f} {c:.4f}" for nm, iou, c in
-                                                       zip(shape_names, scores["iou_each"], cd.tolist())))
+                                                       zip(shape_names, scores["iou_each"], scores["chamfer_each"])))
+        cd = sum(scores["chamfer_each"]) / m
         print(f"{m} shapes: mean IoU {scores['iou']:.3f} ({'64^3 grid' if 'grid' in items else 'query points'}), "
-              f"Chamfer distance {cd.mean().item():.5f} (squared, in [-1, 1]^3 units; mesh at {resolutions[0]}^3)")
+              f"Chamfer distance {cd:.5f} (squared, in [-1, 1]^3 units; mesh at 64^3)")
         return rows, names
 
     write_sheet = staticmethod(ImageModality.write_sheet)
@@ -1096,8 +1108,7 @@ def read_clips(path, frames, resolution, flag="--data"):
         raise SystemExit(f"{flag} {path}: not a folder or an .npz/.npy file (expected a folder of clip "
                          f"sub-folders of frames, or a clip array)")
     clips, lengths = [], []
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
+    for root, _, files in sorted(os.walk(path)):  # clip folders in path order
         frame_files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
         if root != path and frame_files:
             lengths.append(len(frame_files))
@@ -1118,33 +1129,14 @@ def write_clips(rows, path, row_names=None, title=None, fps=8, strip_frames=8):
     Rows of lower resolution are enlarged with nearest-neighbour copies, and a row with fewer
     frames holds each one longer, so that all rows play in step (frame floor(k T_row / T_max)).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
 
     size, T = max(r.shape[-1] for r in rows), max(r.shape[2] for r in rows)
     # (n, T_row, size, size, 3) in [0, 1], enlarged by nearest-neighbour copies
     big = [F.interpolate(r.float().cpu().transpose(1, 2).flatten(0, 1), size=(size, size), mode="nearest")
            .unflatten(0, (len(r), -1)).permute(0, 1, 3, 4, 2).add(1).div(2).clamp(0, 1).numpy() for r in rows]
-    n = max(len(b) for b in big)
-
-    def grid(n_cols):
-        fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols + 0.6, 1.3 * len(rows) + 0.4), squeeze=False)
-        for ax in axes.flat:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-        for i, name in enumerate(row_names or []):
-            axes[i, 0].set_ylabel(name, fontsize=8)
-        if title:
-            fig.suptitle(title, fontsize=9)
-        return fig, axes
-
     # the GIF: one cell per clip, every row at frame floor(k T_row / T) at step k
-    fig, axes = grid(n)
+    fig, axes = sheet_axes(len(rows), max(len(b) for b in big), row_names, title)
     ims = [[axes[i, k].imshow(b[k, 0], interpolation="nearest") for k in range(len(b))] for i, b in enumerate(big)]
     fig.tight_layout()
 
@@ -1156,17 +1148,10 @@ def write_clips(rows, path, row_names=None, title=None, fps=8, strip_frames=8):
 
     gif = os.path.splitext(path)[0] + ".gif"
     FuncAnimation(fig, show, frames=T, interval=1000 / fps).save(gif + ".tmp.gif", writer=PillowWriter(fps=fps), dpi=80)
-    plt.close(fig)
     os.replace(gif + ".tmp.gif", gif)
-    # the strip: strip_frames frames of the first clip of each row, evenly spaced in time
-    fig, axes = grid(strip_frames)
-    for i, b in enumerate(big):
-        for j in range(strip_frames):
-            axes[i, j].imshow(b[0, j * b.shape[1] // strip_frames], interpolation="nearest")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    # the strip: strip_frames frames of the first clip of each row, evenly spaced in time, as an image sheet
+    strips = [r[0][:, torch.arange(strip_frames) * r.shape[2] // strip_frames].transpose(0, 1) for r in rows]
+    ImageModality.write_sheet(strips, path, row_names, title)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1327,11 +1312,11 @@ class VideoModality:
             x_in = synthetic_clips(va, T0, R0, R0)
             truth = {R: synthetic_clips(va, T, R, R) for R in resolutions}
         else:
-            x_in = read_clips(source, T0, R0, flag="--reconstruct")[:n]
+            x_in = read_clips(source, T0, R0, flag="--reconstruct")
             if T != T0:
                 raise SystemExit(f"--frames {T}: data clips are compared at their own {T0} frames; "
                                  f"use --reconstruct synthetic for other frame rates")
-            truth = {R: self.to_signal(read_clips(source, T, R, flag="--reconstruct")[:n]) for R in resolutions}
+            truth = {R: self.to_signal(read_clips(source, T, R, flag="--reconstruct")) for R in resolutions}
         rows, names = [], []
         for R in resolutions:
             recs, base = [], []

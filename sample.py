@@ -38,7 +38,7 @@ def positive_ints(text):
 def parse_args(argv):
     p = T.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a run")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--n", type=int, default=16, help="number of samples (--reconstruct synthetic: of items)")
     p.add_argument("--resolution", type=positive_ints, default=None, help="R or R1,R2,...: render sizes")
     p.add_argument("--frames", type=int, default=None, help="videos: frames to render, any number (default: the training T)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps; default: the run's sample_steps")

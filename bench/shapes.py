@@ -52,14 +52,14 @@ def main(argv=None):
         z = ldm.sample((a.n, *mod.latent_shape(cfg)), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
                        generator=torch.Generator().manual_seed(0))
         fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))
-        sets["generated"] = torch.cat([mod.mesh_clouds(vae, [f[i:i + 8] for f in fields], a.points, seed=i)
+        sets["generated"] = torch.cat([mod.mesh_clouds(mod.logit_grid(vae, [f[i:i + 8] for f in fields]), a.points, seed=i)
                                        for i in range(0, a.n, 8)])
         seconds["generated"] = time.time() - t
         t = time.time()
         rec = []
         for i in range(0, a.n, 8):
             fields = vae.decode(vae.encode(mod.to_signal(ref[i:i + 8])).mean)
-            rec.append(mod.mesh_clouds(vae, fields, a.points, seed=i))
+            rec.append(mod.mesh_clouds(mod.logit_grid(vae, fields), a.points, seed=i))
         sets["reconstructed"] = torch.cat(rec)
         seconds["reconstructed"] = time.time() - t
     fresh = M.synthetic_shape_params(a.n, seed=12345)

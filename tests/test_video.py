@@ -199,3 +199,16 @@ def test_train_and_sample_videos_write_gifs(run, tmp_path, capsys):
                  "--out", str(tmp_path / "r.png")])
     text = capsys.readouterr().out
     assert "16x16, 8 frames: mean PSNR" in text and "trilinear interpolation of the 16x16, 4-frame" in text
+
+
+def test_a_primitive_moves_by_velocity_times_t():
+    p = M.synthetic_video_params(1, seed=0)
+    p["label"][:] = 0  # discs
+    p["centre"][0] = torch.tensor([[5.0, 5.0], [5.0, 5.0], [-0.3, 0.1]])  # only the last disc in view
+    p["size"][0, 2], p["velocity"][0, 2] = 0.2, torch.tensor([0.25, -0.1])
+    for t in (-1.0, 0.0, 0.8):
+        centre = torch.tensor([-0.3, 0.1]) + torch.tensor([0.25, -0.1]) * t  # centre(t) = centre + velocity t
+        inside = torch.tensor([[[*centre, t]]])
+        outside = torch.tensor([[[*(centre - torch.tensor([0.3, 0.0])), t]]])  # 0.3 left of it: beyond the radius
+        torch.testing.assert_close(M.synthetic_render(p, inside)[0, 0], p["colour"][0, 2], atol=1e-4, rtol=0)
+        assert (M.synthetic_render(p, outside)[0, 0] - p["colour"][0, 2]).abs().max() > 0.05
