@@ -66,9 +66,9 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self):
-        # Reparameterisation: z = mu + sigma * eps, eps ~ N(0, I)
-        return self.mean + self.std * torch.randn_like(self.mean)
+    def sample(self, eps=None):
+        # Reparameterisation: z = mu + sigma * eps, eps ~ N(0, I) (drawn here unless given)
+        return self.mean + self.std * (torch.randn_like(self.mean) if eps is None else eps)
 
     def kl(self):
         """KL(q || N(0, I)) per item, summed over latent entries: shape (B,)."""
@@ -223,15 +223,17 @@ def l1_recon(pred, target):
     return (pred - target).abs().flatten(1).mean(1)
 
 
-def elbo_loss(vae, x, coords, target, lambda_z, num_values, recon_fn=l1_recon):
+def elbo_loss(vae, x, coords, target, lambda_z, num_values, recon_fn=l1_recon, eps=None):
     """Negative re-weighted ELBO on a batch, as a dict of scalars: loss, recon, kl.
 
     x: the encoder's input; coords (B, K, D): K query coordinates per item;
-    target (B, K, out): the signal at those coordinates; num_values: D_x, values per item.
+    target (B, K, out): the signal at those coordinates; num_values: D_x, values per item;
+    eps: the reparameterisation noise, drawn here unless given (train.py draws it itself so
+    that a batch split over several processes uses the noise one process would).
     """
     q = vae.encode(x)
     # z ~ q(z|x) by reparameterisation
-    z = q.sample()
+    z = q.sample(eps)
     fields = vae.decode(z)
     pred = vae.query(fields, coords)  # (B, K, out)
     assert pred.shape == target.shape, (pred.shape, target.shape)

@@ -270,25 +270,29 @@ class LatentDiffusion(nn.Module):
         self.unet, self.schedule = unet, schedule
         self.num_classes, self.p_uncond = num_classes, p_uncond
 
-    def loss(self, z0, y=None):
-        """Epsilon-prediction MSE for a batch of clean (already scaled) latents z0 (B, C, H, W)."""
+    def loss(self, z0, y=None, t=None, eps=None, u=None):
+        """Epsilon-prediction MSE for a batch of clean (already scaled) latents z0 (B, C, H, W).
+
+        t, eps and u (the label-dropout draw) are drawn here unless given: train.py draws them
+        itself, so that a batch split over several processes sees the draws one process would.
+        """
         B = z0.shape[0]
         # t ~ U{0, ..., T-1}, shape (B,)
-        t = torch.randint(0, self.schedule.T, (B,), device=z0.device)
+        t = torch.randint(0, self.schedule.T, (B,), device=z0.device) if t is None else t
         # eps ~ N(0, I), shape (B, C, H, W)
-        eps = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
+        eps = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype) if eps is None else eps
         # z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps
         z_t = q_sample(self.schedule, z0, t, eps)
         if self.num_classes > 0 and y is not None:
-            # label dropout: with probability p_uncond the label becomes the null label K
-            drop = torch.rand(B, device=z0.device) < self.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            # label dropout: with probability p_uncond (u ~ U[0, 1) < p) the label becomes the null label K
+            u = torch.rand(B, device=z0.device) if u is None else u
+            y = torch.where(u < self.p_uncond, torch.full_like(y, self.num_classes), y)
         # L = || eps - eps_theta(z_t, t, y) ||^2, averaged over B, C, H, W  (w(t) = 1)
         return F.mse_loss(self.unet(z_t, t, y), eps)
 
-    def forward(self, z0, y=None):
+    def forward(self, z0, y=None, t=None, eps=None, u=None):
         # forward = loss, so DistributedDataParallel can wrap the model
-        return self.loss(z0, y)
+        return self.loss(z0, y, t, eps, u)
 
     def eps(self, z_t, t, y=None, guidance=1.0):
         """Guided noise prediction eps_tilde(z_t, t, y) of shape (B, C, H, W)."""

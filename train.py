@@ -5,13 +5,16 @@
     python train.py --modality image --stage vae --out runs/faces --data ./faces
     python train.py --modality image --stage ldm --out runs/faces       # stage 2 on that VAE
     python train.py --out runs/faces --resume                            # continue where it stopped
+    torchrun --standalone --nproc_per_node=4 train.py --data ./celebahq --preset paper   # 4 GPUs
 
 Everything a run produces goes to its folder (--out): ckpt.pt, losses.png, recon.png,
 samples.png and metrics.json. The folder of an existing run is never overwritten unless
 --resume (continue it) or --overwrite (start again) is given.
 """
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import importlib
 import inspect
 import json
@@ -25,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
@@ -45,12 +50,14 @@ class Config:
     device: str = ""  # cpu or cuda; empty: cuda when available
     resume: bool = False  # continue the run in --out where it stopped
     overwrite: bool = False  # start again in an --out that already holds a run
+    compile: bool = False  # torch.compile the training models (the first steps are slow while it compiles)
     # -- both stages ---------------------------------------------------------------------
     steps: int = 0  # optimiser steps per stage; 0: the preset's, or as many as fit in --max-minutes
     max_minutes: float = 0.0  # wall-clock bound per stage (the schedules are planned to fit); 0: none
     resolution: int = 0  # training resolution R; 0: the preset's
     frames: int = 0  # videos: frames per clip T; 0: the preset's
     batch_size: int = 0  # stage-1 batch; 0: the preset's
+    grad_accum: int = 1  # micro-batches per optimiser step (the same step in less memory); both stages
     val_fraction: float = 0.1  # share of a data folder held out for validation
     log_every: int = 50  # steps between progress lines
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
@@ -82,7 +89,7 @@ class Config:
 # The range of every numeric flag: (lowest, highest, what to say when it is outside).
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
 NUMBER_RANGES = {
-    **{k: _POS for k in ("resolution", "frames", "batch_size", "log_every", "ckpt_every", "z_ch", "enc_ch", "field_ch",
+    **{k: _POS for k in ("resolution", "frames", "batch_size", "grad_accum", "log_every", "ckpt_every", "z_ch", "enc_ch", "field_ch",
                          "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch", "ldm_steps", "ldm_batch", "sample_steps")},
     **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z")},
     "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
@@ -94,7 +101,7 @@ NUMBER_RANGES = {
 
 # Flags that may differ from the saved config when a run is continued.
 RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every",
-                "sampler", "sample_steps"}
+                "sampler", "sample_steps", "grad_accum", "compile"}
 
 
 def int_list(text):
@@ -200,7 +207,8 @@ def set_rng_state(s):
 # Ctrl-C. The first one asks the training loops to stop at the next step boundary, where
 # weights, optimiser, data order and random state agree, so the checkpoint written then
 # lets --resume continue exactly as if nothing had happened. A second Ctrl-C aborts at
-# once without saving; the last checkpoint written is left as it was.
+# once without saving; the last checkpoint written is left as it was. The loops read STOP
+# at each step boundary (all processes agree on it, see below) and raise KeyboardInterrupt.
 # ----------------------------------------------------------------------------------------
 STOP = {"requested": False}
 
@@ -212,10 +220,109 @@ def on_sigint(signum, frame):
     print("\nCtrl-C: stopping after this step and saving (press again to abort without saving)", flush=True)
 
 
-def check_stop():
-    """Called at the top of every training step; the loops' handlers then save the state."""
-    if STOP["requested"]:
-        raise KeyboardInterrupt
+# ----------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node=N train.py ...` starts N copies of this
+# script with RANK / WORLD_SIZE / LOCAL_RANK set. Each copy holds the whole model; PyTorch's
+# DistributedDataParallel averages the gradients across them during backward (NCCL between
+# GPUs, gloo between CPU processes), so every copy takes the same optimiser step.
+#
+# The one rule that keeps this exact: every process draws the same GLOBAL batch from the
+# run's generator (items, query coordinates, noise), then computes only its own slice of it.
+# The gradient of the mean over the whole batch is the mean of the slices' gradients, so N
+# processes take the step one process would (up to float rounding), schedules count the
+# same global steps, and a run can be continued with another number of processes. Drawing
+# a batch is cheap next to the model; only the model's work is split.
+# Only rank 0 prints, evaluates and writes files; decisions that could differ between
+# processes (out of time, Ctrl-C, a non-finite loss) are agreed on by all of them.
+# ----------------------------------------------------------------------------------------
+DIST = {"rank": 0, "world": 1, "device": torch.device("cpu")}
+
+
+def setup_distributed(cfg):
+    """Join the process group when started by torchrun; set DIST and, on CUDA, this process's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        if cfg["device"].startswith("cuda"):
+            cfg["device"] = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        # a long timeout: the other ranks wait in the next collective while rank 0 evaluates
+        dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+        if rank != 0:  # one voice: the other ranks' stdout goes nowhere (errors still reach stderr)
+            sys.stdout = open(os.devnull, "w")
+    DIST.update(rank=dist.get_rank() if dist.is_initialized() else 0, world=world, device=torch.device(cfg["device"]))
+
+
+def any_rank(*flags):
+    """The flags OR-ed over all processes (a no-op with one), so that every rank takes the same branch."""
+    if DIST["world"] == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=DIST["device"])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def mean_over_ranks(values):
+    """A list of floats averaged over the processes (for the logged losses)."""
+    if DIST["world"] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=DIST["device"])
+    dist.all_reduce(t)
+    return (t / DIST["world"]).tolist()
+
+
+def my_slices(batch_size, accum):
+    """This rank's share of a global batch, as `accum` equal micro-batch slices."""
+    per_rank = batch_size // DIST["world"]
+    micro = per_rank // accum
+    start = DIST["rank"] * per_rank
+    return [slice(start + i * micro, start + (i + 1) * micro) for i in range(accum)]
+
+
+def replica_spread(model):
+    """Largest difference of any weight between the processes (0: the replicas are identical)."""
+    if DIST["world"] == 1:
+        return 0.0
+    v = torch.nn.utils.parameters_to_vector(model.parameters()).detach().float()
+    hi, lo = v.clone(), v.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return (hi - lo).abs().max().item()
+
+
+def for_training(module, cfg):
+    """Wrap a loss module for this run: DDP across processes, then torch.compile if asked."""
+    if DIST["world"] > 1:
+        module = DistributedDataParallel(module)
+    return torch.compile(module) if cfg["compile"] else module
+
+
+def optimiser_step(model, opt, slices, loss_of, explain_bad):
+    """One step on this rank's slices of the global batch: gradients accumulated over the
+    micro-batches (DDP averages them across ranks on the last backward), then the update.
+
+    loss_of(slice) -> dict of scalar tensors with a "loss" entry; returns the dict's values
+    averaged over the micro-batches (floats). A non-finite value on any rank stops the run
+    with the message explain_bad(values) before the weights are touched.
+    """
+    opt.zero_grad(set_to_none=True)
+    totals = {}
+    for i, sl in enumerate(slices):
+        last = i == len(slices) - 1
+        # DDP's no_sync: keep the gradient local until the last micro-batch (one all-reduce per step)
+        quiet = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with quiet:
+            terms = loss_of(sl)
+            # each micro-batch is a mean over its items: divide so the sum is the batch mean
+            (terms["loss"] / len(slices)).backward()
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + v.detach().float() / len(slices)
+    (bad,) = any_rank(not all(torch.isfinite(v) for v in totals.values()))
+    if bad:  # stop before the bad step touches the weights
+        raise SystemExit(explain_bad({k: v.item() for k, v in totals.items()}))
+    opt.step()
+    return {k: v.item() for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,12 +353,22 @@ class Budget:
                 self.plan = self.steps
             elif step - self.start_step >= self.probe:
                 rate = (step - self.start_step) / (time.time() - self.t0)
-                self.plan = min(self.steps, step + int(rate * (self.seconds - (time.time() - self.t0))))
+                # with several processes: rank 0's plan (all of them reach this line at the same step)
+                self.plan = from_rank0(min(self.steps, step + int(rate * (self.seconds - (time.time() - self.t0)))))
         return self.plan if self.plan is not None else self.steps
 
     def done(self, step):
         out_of_time = self.seconds and time.time() - self.t0 > self.seconds
         return step >= self.planned(step) or out_of_time
+
+
+def from_rank0(value):
+    """Rank 0's number (int or float), on every process: what must be the same everywhere."""
+    if DIST["world"] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=DIST["device"])
+    dist.broadcast(t, 0)
+    return type(value)(t.item())
 
 
 def stage_steps(cfg, preset_key):
@@ -306,52 +423,80 @@ def evaluate_vae(mod, vae, val, cfg, device):
     return out
 
 
+class ELBO(torch.nn.Module):
+    """The stage-1 loss (file 02's elbo_loss) as a module, so that DDP can wrap it."""
+
+    def __init__(self, vae, num_values, recon_fn):
+        super().__init__()
+        self.vae, self.num_values, self.recon_fn = vae, num_values, recon_fn
+
+    def forward(self, x, coords, target, lambda_z, eps):
+        return V.elbo_loss(self.vae, x, coords, target, lambda_z, self.num_values, self.recon_fn, eps)
+
+
 def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
     s1 = state["stage1"]
     budget = Budget(stage_steps(cfg, "vae_steps"), cfg["max_minutes"], plan=s1.get("plan"))
-    gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # data order and query coordinates
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # data order, query coordinates, noise
     if "generator" in s1:
         gen.set_state(s1["generator"])
-    n, K = len(train["x"]), cfg["coords_per_item"]
-    D_x = mod.values_per_item(cfg)  # D_x, the ELBO's scaling (file 02)
+    n, K, B = len(train["x"]), cfg["coords_per_item"], cfg["batch_size"]
+    # D_x, the ELBO's scaling (file 02)
+    model = for_training(ELBO(vae, mod.values_per_item(cfg), mod.recon), cfg)
+    # the posterior's shape per item, for the reparameterisation noise
+    z_shape = mod.unstack_planes(torch.zeros(1, *mod.latent_shape(cfg))).shape[1:]
+    slices = my_slices(B, cfg["grad_accum"])
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     step, t0, step0 = s1["step"], time.time(), s1["step"]
     window = []
     vae.train()
+
+    def explain_bad(v):
+        bad = [name for name, k in (("reconstruction", "recon"), ("KL", "kl")) if not math.isfinite(v[k])]
+        return (f"stage 1, step {step}: the {' and '.join(bad) or 'total'} term of the loss is not finite "
+                f"(recon {v['recon']:.4g}, kl {v['kl']:.4g}); stopped, the last checkpoint in {cfg['out']} is intact")
+
     try:
-        while not budget.done(step):
-            check_stop()
-            idx = torch.randint(n, (cfg["batch_size"],), generator=gen)
-            # the encoder's input, K query coordinates per item and the signal there
+        # (agreed by all processes: out of steps or time, Ctrl-C; checked again after each step)
+        done, stop = any_rank(budget.done(step), STOP["requested"])
+        while not done:
+            if stop:
+                raise KeyboardInterrupt
+            # the global batch: items, the encoder's input, K query coordinates per item and
+            # the signal there, and the reparameterisation noise, all from the run's generator
+            idx = torch.randint(n, (B,), generator=gen)
             x, coords, target = mod.training_batch(train, idx, K, gen, device)
+            eps = torch.randn((B, *z_shape), generator=gen).to(device)
             lam = V.kl_weight(step, budget.planned(step), cfg["lambda_z"])
-            with amp:
-                terms = V.elbo_loss(vae, x, coords, target, lam, D_x, mod.recon)
-            if not torch.isfinite(terms["loss"]):  # stop before the bad step touches the weights
-                bad = [name for name, k in (("reconstruction", "recon"), ("KL", "kl")) if not torch.isfinite(terms[k])]
-                raise SystemExit(f"stage 1, step {step}: the {' and '.join(bad) or 'total'} term of the loss is not "
-                                 f"finite (recon {terms['recon'].item():.4g}, kl {terms['kl'].item():.4g}); "
-                                 f"stopped, the last checkpoint in {cfg['out']} is intact")
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
+
+            def loss_of(sl):  # this process's micro-batch sl of the global batch
+                with amp:
+                    return model(x[sl], coords[sl], target[sl], lam, eps[sl])
+
+            terms = optimiser_step(model, opt, slices, loss_of, explain_bad)
             step += 1
-            window.append(terms["recon"].item())
-            if step % cfg["log_every"] == 0 or budget.done(step):
-                s1["history"].append((step, sum(window) / len(window)))
-                progress("vae", step, budget.planned(step), {"recon": window[-1], "kl/D_x": terms["kl"].item(),
-                                                            "lambda_z": lam}, t0, step0)
+            window.append(terms["recon"])
+            done, stop = any_rank(budget.done(step), STOP["requested"])
+            if step % cfg["log_every"] == 0 or done:
+                recon, kl = mean_over_ranks([sum(window) / len(window), terms["kl"]])
+                s1["history"].append((step, recon))
+                progress("vae", step, budget.planned(step), {"recon": recon, "kl/D_x": kl, "lambda_z": lam}, t0, step0)
                 window = []
-            if step % cfg["ckpt_every"] == 0 or budget.done(step):
+            if step % cfg["ckpt_every"] == 0 or done:
                 s1.update(step=step, plan=budget.plan, generator=gen.get_state(), vae=vae.state_dict(),
                           opt=opt.state_dict())
                 ckpt()
     except KeyboardInterrupt:  # keep the steps finished so far, then let main() save
         s1.update(step=step, plan=budget.plan, generator=gen.get_state(), vae=vae.state_dict(), opt=opt.state_dict())
         raise
-    scores, rows, names = evaluate_vae(mod, vae, val, cfg, device)
     s1.update(done=True, step=step, vae=vae.state_dict(), opt=opt.state_dict(), generator=gen.get_state(),
-              plan=budget.plan, **{f"val_{k}": v for k, v in scores.items()})
+              plan=budget.plan)
+    if DIST["world"] > 1:
+        print(f"[vae] weights identical on the {DIST['world']} processes: largest difference {replica_spread(vae):.3g}")
+    if DIST["rank"] != 0:  # the other ranks go on to stage 2 (they wait there for rank 0)
+        return None, None, None
+    scores, rows, names = evaluate_vae(mod, vae, val, cfg, device)
+    s1.update({f"val_{k}": v for k, v in scores.items()})
     print(f"[vae] done after {step} steps: {mod.describe(scores)} ({len(val['x'])} held-out items)")
     return rows, names, mod.describe(scores)
 
@@ -384,7 +529,8 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
     mean, std = encode_dataset(mod, vae, train["x"], device)  # (n, Z, h, w) each
     if "scale_factor" not in s2:
         # scale factor 1 / std(z) from latents z ~ q(z|x), so the diffusion sees unit variance
-        s2["scale_factor"] = LDM.estimate_scale_factor(mean + std * torch.randn_like(std))
+        # (with several processes: rank 0's estimate)
+        s2["scale_factor"] = from_rank0(LDM.estimate_scale_factor(mean + std * torch.randn_like(std)))
     scale = s2["scale_factor"]
     print(f"[ldm] {len(mean)} latents of shape {tuple(mean.shape[1:])}, scale factor {scale:.4f}")
     labels = train["label"]
@@ -392,34 +538,44 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
     gen = torch.Generator().manual_seed(cfg["seed"] + 2)
     if "generator" in s2:
         gen.set_state(s2["generator"])
+    model = for_training(ldm, cfg)
+    B, T = cfg["ldm_batch"], ldm.schedule.T
+    slices = my_slices(B, cfg["grad_accum"])
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     step, t0, step0, window = s2["step"], time.time(), s2["step"], []
     ldm.train()
     try:
-        while not budget.done(step):
-            check_stop()
-            idx = torch.randint(len(mean), (cfg["ldm_batch"],), generator=gen)
-            eps = torch.randn(mean[idx].shape, generator=gen)
+        done, stop = any_rank(budget.done(step), STOP["requested"])
+        while not done:
+            if stop:
+                raise KeyboardInterrupt
+            # the global batch and all its draws, from the run's generator (see "Several processes")
+            idx = torch.randint(len(mean), (B,), generator=gen)
             # z_0 ~ q(z|x) = mu + sigma * eps, multiplied by the scale factor
-            z0 = ((mean[idx] + std[idx] * eps) * scale).to(device)
+            z0 = ((mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale).to(device)
+            t = torch.randint(T, (B,), generator=gen).to(device)  # diffusion time per item
+            eps = torch.randn(z0.shape, generator=gen).to(device)  # diffusion noise
+            u = torch.rand(B, generator=gen).to(device)  # label dropout draw (labelled data only)
             y = labels[idx].to(device) if labels is not None else None
-            with amp:
-                loss = ldm.loss(z0, y)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"stage 2, step {step}: the diffusion loss is not finite ({loss.item():.4g}); "
-                                 f"stopped, the last checkpoint in {cfg['out']} is intact")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+            def loss_of(sl):  # this process's micro-batch sl of the global batch
+                with amp:
+                    return {"loss": model(z0[sl], None if y is None else y[sl], t[sl], eps[sl], u[sl])}
+
+            terms = optimiser_step(model, opt, slices, loss_of, lambda v: (
+                f"stage 2, step {step}: the diffusion loss is not finite ({v['loss']:.4g}); "
+                f"stopped, the last checkpoint in {cfg['out']} is intact"))
             ema.update(ldm)
             step += 1
-            window.append(loss.item())
-            if step % cfg["log_every"] == 0 or budget.done(step):
-                s2["history"].append((step, sum(window) / len(window)))
-                s2["recent_loss"] = s2["history"][-1][1]
-                progress("ldm", step, budget.planned(step), {"loss": window[-1]}, t0, step0)
+            window.append(terms["loss"])
+            done, stop = any_rank(budget.done(step), STOP["requested"])
+            if step % cfg["log_every"] == 0 or done:
+                (loss,) = mean_over_ranks([sum(window) / len(window)])
+                s2["history"].append((step, loss))
+                s2["recent_loss"] = loss
+                progress("ldm", step, budget.planned(step), {"loss": loss}, t0, step0)
                 window = []
-            if step % cfg["ckpt_every"] == 0 or budget.done(step):
+            if step % cfg["ckpt_every"] == 0 or done:
                 s2.update(step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
                           ema=ema.state_dict(), opt=opt.state_dict())
                 ckpt()
@@ -429,6 +585,8 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
         raise
     s2.update(done=True, step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
               ema=ema.state_dict(), opt=opt.state_dict())
+    if DIST["world"] > 1:
+        print(f"[ldm] weights identical on the {DIST['world']} processes: largest difference {replica_spread(ldm):.3g}")
 
 
 @torch.no_grad()
@@ -456,15 +614,18 @@ def main(argv=None):
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     try:
+        setup_distributed(cfg)
         train_run(cfg, given)
     except BaseException:
         # a run that failed before writing anything (bad data, say) leaves no empty folder behind
-        if fresh and os.path.isdir(cfg["out"]) and not os.listdir(cfg["out"]):
+        if DIST["rank"] == 0 and fresh and os.path.isdir(cfg["out"]) and not os.listdir(cfg["out"]):
             os.rmdir(cfg["out"])
         raise
     finally:
         if previous is not None:  # (None: a handler not installed from Python; leave it)
             signal.signal(signal.SIGINT, previous)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train_run(cfg, given):
@@ -482,8 +643,9 @@ def train_run(cfg, given):
         if clash:
             raise SystemExit(f"--{clash[0].replace('_', '-')}: differs from the run in {run} "
                              f"({saved.get(clash[0])!r}); start a new --out instead")
-        # flags given now win; the device is re-detected (a GPU run may continue on a CPU)
-        cfg = {**saved, **{k: cfg[k] for k in RESUME_FLAGS if k in given or k in ("out", "device", "resume")}}
+        # flags given now win; the device is re-detected (a GPU run may continue on a CPU);
+        # flags newer than the run's checkpoint take their defaults
+        cfg = {**cfg, **saved, **{k: cfg[k] for k in RESUME_FLAGS if k in given or k in ("out", "device", "resume")}}
         state = ck
         print(f"continuing {run}: stage 1 at step {ck['stage1']['step']}, stage 2 at step {ck['stage2']['step']}")
     elif cfg["stage"] == "ldm":
@@ -491,11 +653,20 @@ def train_run(cfg, given):
     elif os.path.exists(run) and os.listdir(run) and not cfg["overwrite"]:
         raise SystemExit(f"--out {run}: folder exists and is not empty; use --resume to continue it, "
                          f"--overwrite to start again, or another --out")
+    for flag in ("batch_size", "ldm_batch"):  # every process gets the same number of items per micro-batch
+        parts = DIST["world"] * cfg["grad_accum"]
+        if cfg[flag] % parts:
+            raise SystemExit(f"--{flag.replace('_', '-')} {cfg[flag]}: must be divisible by processes x "
+                             f"--grad-accum = {DIST['world']} x {cfg['grad_accum']}")
+    if DIST["world"] > 1:
+        dist.barrier()  # every process has checked the folder before rank 0 writes to it
+    main_rank = DIST["rank"] == 0  # the only process that writes files
     try:
-        os.makedirs(run, exist_ok=True)
-        probe = os.path.join(run, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
+        if main_rank:
+            os.makedirs(run, exist_ok=True)
+            probe = os.path.join(run, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
     except OSError as e:
         raise SystemExit(f"--out {run}: cannot write there ({e.strerror})")
 
@@ -515,6 +686,8 @@ def train_run(cfg, given):
     vae = mod.build_vae(cfg).to(device)
     vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg["vae_lr"])
     ldm = build_ldm(cfg, mod, num_classes).to(device)
+    if device.type == "cuda":  # convolutions run faster on NHWC tensors with tensor cores
+        ldm = ldm.to(memory_format=torch.channels_last)
     ema = LDM.EMA(ldm, cfg["ema_decay"], warmup=True)
     ldm_opt = torch.optim.Adam(ldm.parameters(), lr=cfg["ldm_lr"])
     if state is None:
@@ -534,13 +707,16 @@ def train_run(cfg, given):
     n1 = sum(p.numel() for p in vae.parameters())
     n2 = sum(p.numel() for p in ldm.parameters())
     print(f"model: D2C-VAE ({cfg['variant']}) {n1 / 1e6:.2f}M parameters, UNet {n2 / 1e6:.2f}M; latent "
-          f"{mod.latent_shape(cfg)}; device {device}")
+          f"{mod.latent_shape(cfg)}; device {device}" + (f", {DIST['world']} processes" if DIST["world"] > 1 else ""))
 
     def ckpt():
-        state["rng"] = rng_state()
-        save_checkpoint(state, ckpt_path)
+        if main_rank:
+            state["rng"] = rng_state()
+            save_checkpoint(state, ckpt_path)
 
     def metrics():
+        if not main_rank:
+            return
         s1 = state["stage1"]
         out = {"stage1": {**{k: v for k, v in s1.items() if k.startswith("val_")}, "steps": s1["step"]},
                "stage2": {"steps": state["stage2"]["step"], "loss": state["stage2"].get("recent_loss")},
@@ -554,8 +730,9 @@ def train_run(cfg, given):
             t = time.time()
             rows, names, scores = train_vae(cfg, mod, vae, vae_opt, state, train, val, device, ckpt)
             ckpt()
-            mod.write_sheet(rows, os.path.join(run, "recon.png"), names,
-                            f"stage 1 after {state['stage1']['step']} steps: {scores}")
+            if main_rank:
+                mod.write_sheet(rows, os.path.join(run, "recon.png"), names,
+                                f"stage 1 after {state['stage1']['step']} steps: {scores}")
             metrics()
             print(f"[vae] {fmt_time(time.time() - t)}; wrote {ckpt_path}, {run}/recon.png")
         if cfg["stage"] in ("ldm", "all"):
@@ -567,8 +744,9 @@ def train_run(cfg, given):
                 train_ldm(cfg, mod, vae, ldm, ema, ldm_opt, state, train, device, ckpt)
                 ckpt()
                 print(f"[ldm] {fmt_time(time.time() - t)}; wrote {ckpt_path}")
-            sample_sheet(cfg, mod, vae, ema.model, state["stage2"]["scale_factor"], num_classes,
-                         os.path.join(run, "samples.png"), seed=cfg["seed"])
+            if main_rank:
+                sample_sheet(cfg, mod, vae, ema.model, state["stage2"]["scale_factor"], num_classes,
+                             os.path.join(run, "samples.png"), seed=cfg["seed"])
             metrics()
             print(f"wrote {run}/samples.png")
     except KeyboardInterrupt:
@@ -577,6 +755,8 @@ def train_run(cfg, given):
         print(f"\ninterrupted: saved {ckpt_path}; continue with: python train.py --out {run} --resume")
         sys.exit(130)
     metrics()
+    if not main_rank:
+        return
     m = json.load(open(os.path.join(run, "metrics.json")))  # the numbers, without config and per-item lists
     print("metrics: " + json.dumps({s: {k: v for k, v in m[s].items() if not isinstance(v, list)} for s in ("stage1", "stage2")}))
 

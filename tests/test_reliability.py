@@ -193,7 +193,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch):
     # stage 2, on the same run once stage 1 is fixed
     poisoned["on"] = False
     train.main(["--out", out, "--resume", "--stage", "vae"])
-    monkeypatch.setattr(train.LDM.LatentDiffusion, "loss", lambda self, z0, y=None: torch.tensor(float("inf")))
+    monkeypatch.setattr(train.LDM.LatentDiffusion, "loss", lambda self, z0, *draws: sum(p.sum() for p in self.parameters()) * float("inf"))
     with pytest.raises(SystemExit, match=r"stage 2, step 0: the diffusion loss is not finite"):
         train.main(["--out", out, "--stage", "ldm"])
 
