@@ -189,6 +189,22 @@ def test_loss_is_seedable_and_zero_for_exact_denoiser():
     assert abs(a.item() - 1.0) < 0.3
 
 
+def test_loss_with_given_draws_is_the_formula():
+    # train.py draws t, eps and the label-dropout u itself (for multi-process runs): the loss
+    # must then be exactly || eps - eps_theta(sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, t, y') ||^2
+    s = D.NoiseSchedule(T=1000)
+    stub = LabelStub()
+    model = D.LatentDiffusion(stub, s, num_classes=3, p_uncond=0.5)
+    z0, y = torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 2, 1])
+    t, eps, u = torch.tensor([0, 10, 500, 999]), torch.randn(4, 2, 3, 3), torch.tensor([0.9, 0.1, 0.7, 0.2])
+    loss = model.loss(z0, y, t, eps, u)
+    assert torch.equal(stub.seen[-1], torch.tensor([0, 3, 2, 3]))  # u < 0.5: the null label 3
+    ab = s.alpha_bar[t].to(z0.dtype)[:, None, None, None]
+    z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    torch.testing.assert_close(loss, ((stub(z_t, t, torch.tensor([0, 3, 2, 3])) - eps) ** 2).mean())
+    assert torch.equal(model(z0, y, t, eps, u), loss)  # forward = loss (what DDP calls)
+
+
 def test_ema_update_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))

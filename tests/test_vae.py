@@ -56,6 +56,8 @@ def test_diagonal_gaussian_sample_is_reparameterised():
     # a different seed gives a different sample
     torch.manual_seed(8)
     assert not torch.allclose(q.sample(), z)
+    # noise given from outside (train.py draws it for the whole batch): used as it is
+    torch.testing.assert_close(q.sample(eps).detach(), z.detach(), rtol=0, atol=0)
 
 
 def test_kl_weight_schedule():
