@@ -80,6 +80,7 @@ class Config:
     ldm_steps: int = 0  # (preset) default stage-2 steps
     ldm_batch: int = 0  # stage-2 batch
     ldm_lr: float = 0.0  # Adam learning rate, stage 2
+    prediction: str = ""  # what the UNet predicts: eps (the paper's) or v (file 04); empty: the preset's
     ema_decay: float = 0.0  # EMA of the UNet weights, used for sampling
     p_uncond: float = 0.1  # label dropout for classifier-free guidance (labelled data only)
     sampler: str = ""  # ddim or ddpm, for the sample sheet and sample.py's default; empty: the preset's
@@ -89,8 +90,9 @@ class Config:
 # The range of every numeric flag: (lowest, highest, what to say when it is outside).
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
 NUMBER_RANGES = {
-    **{k: _POS for k in ("resolution", "frames", "batch_size", "grad_accum", "log_every", "ckpt_every", "z_ch", "enc_ch", "field_ch",
-                         "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch", "ldm_steps", "ldm_batch", "sample_steps")},
+    **{k: _POS for k in ("resolution", "frames", "batch_size", "grad_accum", "log_every", "ckpt_every", "z_ch",
+                         "enc_ch", "field_ch", "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch", "ldm_steps",
+                         "ldm_batch", "sample_steps")},
     **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z")},
     "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
     "ldm_attn": (0, math.inf, "level indices like 1 or 2,3"),
@@ -152,6 +154,8 @@ def parse_config(argv):
         raise SystemExit(f"--variant {cfg['variant']}: expected one of {', '.join(H.VARIANTS)}")
     if cfg["sampler"] not in ("ddim", "ddpm"):
         raise SystemExit(f"--sampler {cfg['sampler']}: expected ddim or ddpm")
+    if cfg["prediction"] not in ("eps", "v"):
+        raise SystemExit(f"--prediction {cfg['prediction']}: expected eps or v")
     if cfg["stage"] not in ("vae", "ldm", "all"):
         raise SystemExit(f"--stage {cfg['stage']}: expected vae, ldm or all")
     if cfg["resolution"] % 2 ** (len(cfg["enc_mult"]) - 1 + len(cfg["ldm_mult"]) - 1):
@@ -521,7 +525,8 @@ def build_ldm(cfg, mod, num_classes):
     C, H, W = mod.latent_shape(cfg)
     unet = LDM.UNet(C, cfg["ldm_ch"], tuple(cfg["ldm_mult"]), attn_levels=tuple(cfg["ldm_attn"]),
                     num_classes=num_classes)
-    return LDM.LatentDiffusion(unet, LDM.NoiseSchedule(), num_classes, cfg["p_uncond"])
+    # (runs saved before the --prediction flag predicted eps)
+    return LDM.LatentDiffusion(unet, LDM.NoiseSchedule(), num_classes, cfg["p_uncond"], cfg.get("prediction") or "eps")
 
 
 def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):

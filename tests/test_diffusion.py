@@ -96,6 +96,27 @@ def test_samplers_land_on_the_single_data_point(dtype, atol, sampler, steps, eta
     torch.testing.assert_close(z, x0.expand(8, -1, -1, -1), atol=atol, rtol=0)
 
 
+class ExactVDenoiser(ExactDenoiser):
+    """The ideal v-predictor for one point x0: v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0."""
+
+    def forward(self, z_t, t, y=None):
+        ab = self.schedule.alpha_bar[t].to(z_t.dtype)[:, None, None, None]
+        return ab.sqrt() * super().forward(z_t, t, y) - (1 - ab).sqrt() * self.x0
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_v_prediction_samples_and_loss(sampler):
+    s = D.NoiseSchedule(T=1000)
+    x0 = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = D.LatentDiffusion(ExactVDenoiser(s, x0), s, prediction="v")
+    # eps_hat recovered from v_hat is the exact noise: sampling lands on x0, and the v loss is 0
+    z = model.sample((8, 2, 4, 4), steps=50, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z, x0.expand(8, -1, -1, -1), atol=1e-9, rtol=0)
+    assert model.loss(x0.expand(16, -1, -1, -1).clone()).item() < 1e-20
+    # the eps-denoiser under prediction="v" is wrong, and the loss says so
+    assert D.LatentDiffusion(ExactDenoiser(s, x0), s, prediction="v").loss(x0.expand(16, -1, -1, -1).clone()) > 0.01
+
+
 class GaussianDenoiser(ExactDenoiser):
     """The ideal eps-predictor for data N(m, s^2): eps = sqrt(1 - alpha_bar)(z_t - sqrt(alpha_bar) m) / (alpha_bar s^2 + 1 - alpha_bar)."""
 

@@ -123,6 +123,19 @@ def test_vae_then_ldm_in_two_calls(tmp_path):
     assert os.path.exists(os.path.join(out, "samples.png"))
 
 
+def test_v_prediction_run_samples_with_v(tmp_path):
+    out = str(tmp_path / "v")
+    train.main(TINY + ["--out", out, "--prediction", "v"])
+    ck = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["config"]["prediction"] == "v"
+    ldm = train.build_ldm(ck["config"], M.MODALITIES["image"], ck["num_classes"])
+    assert ldm.prediction == "v"  # what sample.py rebuilds from the checkpoint
+    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--n", "2", "--out", str(tmp_path / "s.png")])
+    assert os.path.getsize(tmp_path / "s.png") > 0
+    with pytest.raises(SystemExit, match="--prediction x: expected eps or v"):
+        train.main(TINY + ["--prediction", "x", "--out", str(tmp_path / "x")])
+
+
 def test_refusals_are_one_line_errors(run, tmp_path):
     with pytest.raises(SystemExit, match="exists and is not empty"):  # never overwrite a run
         train.main(TINY + ["--out", run])
