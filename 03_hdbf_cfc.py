@@ -157,7 +157,9 @@ if __name__ == "__main__":
     # sometimes sits on a plateau (about 16.5 dB: a blurred average) for hundreds of steps,
     # while the coarse taps of HDBF give the read-out an easy signal from the first step.
     # Measured over seeds 0-3 (300 steps): single 16.6 / 22.1 / 16.6 / 21.7 dB,
-    # hdbf_concat 22.8 / 22.0 / 20.9 / 22.9, hdbf_cfc 22.5 / 22.9 / 22.4 / 22.9.
+    # hdbf_concat 22.8 / 22.0 / 20.9 / 22.9, hdbf_cfc 22.5 / 22.9 / 22.4 / 22.9 (with file 01's
+    # earlier lookup, equal up to float rounding; rounding alone moves one 300-step run by up to
+    # 0.6 dB: seed 0 of hdbf_cfc now gives 21.9). Differences under ~0.5 dB here are noise.
     # The plateau comes from the posterior noise at initialisation (sigma = 1 around a mean
     # near 0, so z carries little of x): starting log sigma^2 at -6 lets `single` escape on
     # all four seeds (21.4-21.6 dB), but costs hdbf_cfc 0.4 dB on average at this budget,

@@ -9,8 +9,12 @@ Rows (each a time, a rate or a ratio against a reference timed in the same run):
      forward + backward, 1M queries of 64 channels;
   2. a stage-1 step at 256x256 with K sampled coordinates per image against decoding
      the full grid (the re-weighted ELBO of 02 is what makes the first cheap);
-  3. training throughput (items/s) and peak memory of stage 1 and stage 2 (tiny preset);
-  4. sampling: 64 latents with 50 DDIM steps, then rendering them at 256x256 and 1024x1024.
+  3. training throughput (items/s) and peak memory of stage 1 and stage 2 (tiny preset on a
+     CPU, paper preset on a GPU);
+  4. sampling: 64 latents with 50 DDIM steps, then rendering them at 256x256 and 1024x1024;
+  5. model FLOPs utilisation of a stage-2 training step: its FLOPs counted by
+     torch.utils.flop_counter, divided by its time, as a share of the device's peak measured
+     here with a large matmul (bf16 on a GPU, float32 on a CPU).
 Peak memory is torch.cuda.max_memory_allocated on a GPU; on a CPU it is the peak resident
 size of a fresh process that runs only that row (so rows do not inherit each other's peaks),
 printed next to the same figure for a process that only builds the model and the data.
@@ -26,6 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -142,6 +147,21 @@ def worker(part, device_name, quick):
             loss.backward()
             opt.step()
         out["items_per_s"] = cfg["ldm_batch"] / seconds(step, device, repeat=3 if quick else 10)
+    elif part == "mfu":
+        opt = torch.optim.Adam(ldm.parameters(), lr=1e-4)
+        z0 = torch.randn(cfg["ldm_batch"], *mod.latent_shape(cfg), device=device)
+
+        def step():
+            with amp:
+                loss = ldm.loss(z0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with FlopCounterMode(display=False) as counter:  # matmuls and convolutions, forward + backward
+            step()
+        out["flops"] = counter.get_total_flops()
+        out["step_s"] = seconds(step, device, repeat=3 if quick else 10)
+        out["peak_flops"] = matmul_peak(device)
     elif part == "sampling":
         n = 16 if quick else 64
         g = torch.Generator().manual_seed(0)
@@ -159,6 +179,14 @@ def worker(part, device_name, quick):
         out["n"] = n
     out["peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else peak_rss_mb()
     return out
+
+
+def matmul_peak(device):
+    """FLOP/s of the largest dense matmul we can time: the practical peak of this device."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / seconds(lambda: a @ b, device, repeat=10)
 
 
 def peak_rss_mb():
@@ -180,7 +208,8 @@ def run_worker(part, device, quick):
 
 
 def worker_rows(device, quick):
-    base, s1, s2, smp = (run_worker(p, device, quick) for p in ("idle", "stage1", "stage2", "sampling"))
+    base, s1, s2, smp, mfu = (run_worker(p, device, quick) for p in ("idle", "stage1", "stage2", "sampling", "mfu"))
+    achieved = mfu["flops"] / mfu["step_s"]
     mem = "allocated" if device.type == "cuda" else "peak RSS"
     return [
         (f"3. process with model and data only ({base['preset']} preset)", f"{mem} {base['peak_mb']:.0f} MB", ""),
@@ -189,6 +218,9 @@ def worker_rows(device, quick):
         (f"4. {smp['n']} samples, 50 DDIM steps", f"{smp['sample_s']:.2f} s", ""),
         (f"4. render the {smp['n']} at 256x256 / 1024x1024",
          f"{smp['render_256_s']:.2f} s / {smp['render_1024_s']:.2f} s", f"{mem} {smp['peak_mb']:.0f} MB (with sampling)"),
+        (f"5. stage-2 step: {mfu['flops'] / 1e9:.2f} GFLOP in {mfu['step_s'] * 1e3:.1f} ms",
+         f"{achieved / 1e9:.1f} GFLOP/s vs matmul peak {mfu['peak_flops'] / 1e9:.1f} GFLOP/s",
+         f"MFU {100 * achieved / mfu['peak_flops']:.1f}%"),
     ]
 
 
