@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import os
+import queue
 import re
 import signal
 import sys
@@ -330,6 +331,61 @@ def optimiser_step(model, opt, slices, loss_of, explain_bad):
 
 
 # ----------------------------------------------------------------------------------------
+# Loading. Every dataset sits in memory (the loaders of 05 decode it once), so a batch is
+# an index into it plus random draws. On a GPU run one background thread draws the next
+# batches while the GPU works on this one, pins them (page-locked memory, so the copy to
+# the GPU runs asynchronously, `non_blocking`), and hands them over in order. The thread
+# is the only user of the run's generator, one batch after another, so the batches are
+# exactly those of a loop without it; the state saved in a checkpoint is the generator's
+# state after the last batch the model consumed, not after the ones drawn ahead. On a CPU
+# run there is nothing to overlap (the model already uses every core; a second thread
+# made the tiny video stage 2 35% slower here), so the batch is drawn when it is needed.
+# ----------------------------------------------------------------------------------------
+class Prefetcher:
+    """draw(gen) -> tuple of CPU tensors (or None); next() -> that tuple on `device`."""
+
+    def __init__(self, draw, gen, device, background=None):
+        self.draw, self.gen, self.device = draw, gen, device
+        self.resume_state = gen.get_state()  # the generator's state after the batches consumed so far
+        self.batches, self.closing, self.thread = queue.Queue(maxsize=2), threading.Event(), None
+        if device.type == "cuda" if background is None else background:
+            self.thread = threading.Thread(target=self._work, daemon=True)
+            self.thread.start()
+
+    def _work(self):
+        try:
+            while not self.closing.is_set():
+                batch = self.draw(self.gen)
+                if self.device.type == "cuda":
+                    batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
+                item = (self.gen.get_state(), batch)
+                while not self.closing.is_set():  # wait for room, but not past close()
+                    try:
+                        self.batches.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:  # a failing draw is raised in the training loop
+            self.batches.put((None, e))
+
+    def next(self):
+        if self.thread is None:  # drawn here and now
+            batch = self.draw(self.gen)
+            self.resume_state = self.gen.get_state()
+            return tuple(b.to(self.device) if torch.is_tensor(b) else b for b in batch)
+        state, batch = self.batches.get()
+        if state is None:
+            raise batch
+        self.resume_state = state
+        return tuple(b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+
+    def close(self):
+        if self.thread is not None:
+            self.closing.set()
+            self.thread.join()
+
+
+# ----------------------------------------------------------------------------------------
 # Small helpers: progress, plots
 # ----------------------------------------------------------------------------------------
 def fmt_time(seconds):
@@ -460,17 +516,21 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
         return (f"stage 1, step {step}: the {' and '.join(bad) or 'total'} term of the loss is not finite "
                 f"(recon {v['recon']:.4g}, kl {v['kl']:.4g}); stopped, the last checkpoint in {cfg['out']} is intact")
 
+    def draw(gen):
+        # the global batch: items, the encoder's input, K query coordinates per item and
+        # the signal there, and the reparameterisation noise, all from the run's generator
+        idx = torch.randint(n, (B,), generator=gen)
+        x, coords, target = mod.training_batch(train, idx, K, gen, torch.device("cpu"))
+        return x, coords, target, torch.randn((B, *z_shape), generator=gen)
+
+    loader = Prefetcher(draw, gen, device)
     try:
         # (agreed by all processes: out of steps or time, Ctrl-C; checked again after each step)
         done, stop = any_rank(budget.done(step), STOP["requested"])
         while not done:
             if stop:
                 raise KeyboardInterrupt
-            # the global batch: items, the encoder's input, K query coordinates per item and
-            # the signal there, and the reparameterisation noise, all from the run's generator
-            idx = torch.randint(n, (B,), generator=gen)
-            x, coords, target = mod.training_batch(train, idx, K, gen, device)
-            eps = torch.randn((B, *z_shape), generator=gen).to(device)
+            x, coords, target, eps = loader.next()
             lam = V.kl_weight(step, budget.planned(step), cfg["lambda_z"])
 
             def loss_of(sl):  # this process's micro-batch sl of the global batch
@@ -487,13 +547,16 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, ckpt):
                 progress("vae", step, budget.planned(step), {"recon": recon, "kl/D_x": kl, "lambda_z": lam}, t0, step0)
                 window = []
             if step % cfg["ckpt_every"] == 0 or done:
-                s1.update(step=step, plan=budget.plan, generator=gen.get_state(), vae=vae.state_dict(),
+                s1.update(step=step, plan=budget.plan, generator=loader.resume_state, vae=vae.state_dict(),
                           opt=opt.state_dict())
                 ckpt()
     except KeyboardInterrupt:  # keep the steps finished so far, then let main() save
-        s1.update(step=step, plan=budget.plan, generator=gen.get_state(), vae=vae.state_dict(), opt=opt.state_dict())
+        s1.update(step=step, plan=budget.plan, generator=loader.resume_state, vae=vae.state_dict(),
+                  opt=opt.state_dict())
         raise
-    s1.update(done=True, step=step, vae=vae.state_dict(), opt=opt.state_dict(), generator=gen.get_state(),
+    finally:
+        loader.close()
+    s1.update(done=True, step=step, vae=vae.state_dict(), opt=opt.state_dict(), generator=loader.resume_state,
               plan=budget.plan)
     if DIST["world"] > 1:
         print(f"[vae] weights identical on the {DIST['world']} processes: largest difference {replica_spread(vae):.3g}")
@@ -549,19 +612,23 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     step, t0, step0, window = s2["step"], time.time(), s2["step"], []
     ldm.train()
+    def draw(gen):
+        # the global batch and all its draws, from the run's generator (see "Several processes")
+        idx = torch.randint(len(mean), (B,), generator=gen)
+        # z_0 ~ q(z|x) = mu + sigma * eps, multiplied by the scale factor
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        t = torch.randint(T, (B,), generator=gen)  # diffusion time per item
+        eps = torch.randn(z0.shape, generator=gen)  # diffusion noise
+        u = torch.rand(B, generator=gen)  # label dropout draw (labelled data only)
+        return z0, t, eps, u, labels[idx] if labels is not None else None
+
+    loader = Prefetcher(draw, gen, device)
     try:
         done, stop = any_rank(budget.done(step), STOP["requested"])
         while not done:
             if stop:
                 raise KeyboardInterrupt
-            # the global batch and all its draws, from the run's generator (see "Several processes")
-            idx = torch.randint(len(mean), (B,), generator=gen)
-            # z_0 ~ q(z|x) = mu + sigma * eps, multiplied by the scale factor
-            z0 = ((mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale).to(device)
-            t = torch.randint(T, (B,), generator=gen).to(device)  # diffusion time per item
-            eps = torch.randn(z0.shape, generator=gen).to(device)  # diffusion noise
-            u = torch.rand(B, generator=gen).to(device)  # label dropout draw (labelled data only)
-            y = labels[idx].to(device) if labels is not None else None
+            z0, t, eps, u, y = loader.next()
 
             def loss_of(sl):  # this process's micro-batch sl of the global batch
                 with amp:
@@ -581,14 +648,16 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, ckpt):
                 progress("ldm", step, budget.planned(step), {"loss": loss}, t0, step0)
                 window = []
             if step % cfg["ckpt_every"] == 0 or done:
-                s2.update(step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
+                s2.update(step=step, plan=budget.plan, generator=loader.resume_state, ldm=ldm.state_dict(),
                           ema=ema.state_dict(), opt=opt.state_dict())
                 ckpt()
     except KeyboardInterrupt:  # keep the steps finished so far, then let main() save
-        s2.update(step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
+        s2.update(step=step, plan=budget.plan, generator=loader.resume_state, ldm=ldm.state_dict(),
                   ema=ema.state_dict(), opt=opt.state_dict())
         raise
-    s2.update(done=True, step=step, plan=budget.plan, generator=gen.get_state(), ldm=ldm.state_dict(),
+    finally:
+        loader.close()
+    s2.update(done=True, step=step, plan=budget.plan, generator=loader.resume_state, ldm=ldm.state_dict(),
               ema=ema.state_dict(), opt=opt.state_dict())
     if DIST["world"] > 1:
         print(f"[ldm] weights identical on the {DIST['world']} processes: largest difference {replica_spread(ldm):.3g}")

@@ -164,3 +164,33 @@ def test_time_budget_alone_plans_from_measured_speed(monkeypatch):
     # with --steps, the smaller bound wins; with neither, the preset's count
     assert train.Budget(train.stage_steps({"steps": 50, "max_minutes": 1.0}, "vae_steps"), 1.0).steps == 50
     assert train.stage_steps({"steps": 0, "max_minutes": 0, "vae_steps": 5}, "vae_steps") == 5
+
+
+def test_prefetcher_thread_gives_the_batches_and_states_of_a_plain_loop():
+    # On a GPU run a background thread draws ahead; on a CPU run the batch is drawn when asked.
+    # Both must give the same batches, and the state to checkpoint must be the generator's state
+    # after the batches consumed so far (not after those drawn ahead).
+    def draw(gen):
+        return torch.randint(100, (4,), generator=gen), torch.randn(4, 3, generator=gen), None
+
+    cpu = torch.device("cpu")
+    runs = {}
+    for background in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        loader = train.Prefetcher(draw, gen, cpu, background=background)
+        assert (loader.thread is not None) == background
+        runs[background] = [(loader.next(), loader.resume_state.clone()) for _ in range(5)]
+        loader.close()
+    reference = torch.Generator().manual_seed(0)
+    for ((a, sa), (b, sb)) in zip(runs[False], runs[True]):
+        plain = draw(reference)  # the loop without any loader
+        for x, y, z in zip(a, b, plain):
+            assert (x is None and y is None and z is None) or (torch.equal(x, z) and torch.equal(y, z))
+        assert torch.equal(sa, reference.get_state()) and torch.equal(sb, reference.get_state())
+
+    def failing(gen):
+        raise ValueError("bad item 7")
+    loader = train.Prefetcher(failing, torch.Generator(), cpu, background=True)
+    with pytest.raises(ValueError, match="bad item 7"):  # raised in the training loop, not lost in the thread
+        loader.next()
+    loader.close()
