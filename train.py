@@ -339,7 +339,7 @@ def optimiser_step(model, opt, slices, loss_of, explain_bad):
 # exactly those of a loop without it; the state saved in a checkpoint is the generator's
 # state after the last batch the model consumed, not after the ones drawn ahead. On a CPU
 # run there is nothing to overlap (the model already uses every core; a second thread
-# made the tiny video stage 2 35% slower here), so the batch is drawn when it is needed.
+# made the tiny video stage 2 39% slower here), so the batch is drawn when it is needed.
 # ----------------------------------------------------------------------------------------
 class Prefetcher:
     """draw(gen) -> tuple of CPU tensors (or None); next() -> that tuple on `device`."""
