@@ -43,6 +43,7 @@ Left out on purpose: LPIPS in the image likelihood (the paper adds it; it needs 
 VGG weights) and data augmentation (flips), which a user can add to `ImageModality.load`.
 """
 import importlib
+import math
 import os
 
 import torch
@@ -734,16 +735,17 @@ class PointNetPlanes(nn.Module):
     into the cells once more: those averages are the planes.
     """
 
-    def __init__(self, out_ch, hidden=32, res=32, num_blocks=3):
+    def __init__(self, out_ch, hidden=32, res=32, num_blocks=3, point_dim=3):
         super().__init__()
         self.res = res
-        self.fc_in = nn.Linear(3, 2 * hidden)
+        # point_dim: 3 for (x, y, z); 6 for the coloured points (x, y, z, r, g, b) of the NeRF scenes
+        self.fc_in = nn.Linear(point_dim, 2 * hidden)
         self.blocks = nn.ModuleList(ResidualFC(2 * hidden, hidden) for _ in range(num_blocks))
         self.fc_out = nn.Linear(hidden, out_ch)
 
     def forward(self, p):
         B, N, _ = p.shape
-        cells = plane_cells(p, self.res)  # (B, 3, N)
+        cells = plane_cells(p[..., :3], self.res)  # (B, 3, N), from the positions
         h = self.fc_in(p)  # (B, N, 2 hidden)
         for i, block in enumerate(self.blocks):
             h = block(h)  # (B, N, hidden)
@@ -777,12 +779,12 @@ def exchange_planes(planes):
 
 
 class ShapeEncoder(nn.Module):
-    """Surface points (B, N, 3) -> posterior parameters of a tri-plane, (B, 3, 2Z, res / 2^(L-1), ...)."""
+    """Surface points (B, N, 3 or 6) -> posterior parameters of a tri-plane, (B, 3, 2Z, res / 2^(L-1), ...)."""
 
-    def __init__(self, z_ch, ch=32, ch_mult=(1, 2, 2), res=32, point_hidden=32):
+    def __init__(self, z_ch, ch=32, ch_mult=(1, 2, 2), res=32, point_hidden=32, point_dim=3):
         super().__init__()
         V = importlib.import_module("02_d2c_vae")
-        self.pointnet = PointNetPlanes(ch, point_hidden, res)
+        self.pointnet = PointNetPlanes(ch, point_hidden, res, point_dim=point_dim)
         self.conv = V.ConvEncoder(3 * ch, z_ch, ch, ch_mult)  # one set of weights for all three planes
 
     def forward(self, p):
@@ -1339,8 +1341,452 @@ class VideoModality:
         return rows, names
 
 
+# ========================================================================================
+# The NeRF modality: radiance fields of 3D scenes seen in photographs (paper Sec. 4.2)
+# ========================================================================================
+# A scene is a tri-plane radiance field over [-1, 1]^3 (planes xy, xz, yz; the three
+# embeddings concatenated, as in the paper's NeRF), decoded by HDBF + CFC into 1 + F numbers
+# per point: density and colour features. File 07 turns them into pictures (rays, stratified
+# samples, alpha compositing) and holds the synthetic scenes. The signal the ELBO sees is a
+# pixel colour, the "coordinate" is its ray: training draws K random rays per scene and step
+# (never whole images) and the L1 likelihood of images compares rendered and true colours.
+#
+# How a scene gets its latent depends on what the data holds; each dataset uses one way:
+#   * synthetic scenes (the embedded default): a coloured point cloud (x, y, z, r, g, b) of
+#     the visible surfaces goes through the shape modality's PointNet with local pooling
+#     (as in the paper), so q(z|x) is a real encoder and held-out scenes can be encoded;
+#   * NeRF-synthetic folders, SRN folders and .npz files of posed images: no point clouds,
+#     so auto-decoding (Park et al., DeepSDF 2019): each training scene owns the parameters
+#     of its posterior q(z | scene) = N(mu_i, sigma_i^2), rows of a learnable table trained
+#     with everything else. The ELBO is unchanged, KL term included, so the latents stay
+#     close to N(0, I) and stage 2 models them as it would encoded ones. Validation renders
+#     held-out views of the training scenes (a new scene would need its latent fitted first).
+#
+# Units: positions of a dataset are divided by its scale (1.5 for NeRF-synthetic, whose
+# scenes fill [-1.5, 1.5]^3; 1 for SRN) so the scene fills the cube; near and far too.
+# Colours: white background (+1) throughout; RGBA pictures are put on white when read.
+class AutoDecoder(nn.Module):
+    """The 'encoder' of posed-image datasets: scene indices (B,) -> posterior parameters (B, 3, 2Z, h, h).
+
+    Means start near 0 and log-variances at -6 (sigma = 0.05), so early training sees little noise.
+    """
+
+    def __init__(self, num_scenes, z_ch, h):
+        super().__init__()
+        init = torch.cat([0.1 * torch.randn(num_scenes, 3, z_ch, h, h), torch.full((num_scenes, 3, z_ch, h, h), -6.0)], 2)
+        self.table = nn.Parameter(init)
+
+    def forward(self, idx):
+        return self.table[idx]
+
+
+def read_rgba(path, size, flag):
+    """A picture file -> uint8 (size, size, 3), RGBA put on a white background; the picture must be square."""
+    import matplotlib.image
+    import numpy as np
+
+    try:
+        a = matplotlib.image.imread(path)
+    except Exception as e:
+        raise SystemExit(f"{flag} {path}: cannot read this image ({type(e).__name__}: {e})")
+    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    a = a[..., None].repeat(3, -1) if a.ndim == 2 else a
+    if a.shape[0] != a.shape[1]:
+        raise SystemExit(f"{flag} {path}: picture is {a.shape[1]}x{a.shape[0]}; expected a square one")
+    rgb = a[..., :3] * a[..., 3:] + (1 - a[..., 3:]) if a.shape[-1] == 4 else a[..., :3]
+    return torch.from_numpy(rgb), a.shape[0]
+
+
+def resize_views(rgb, size):
+    """float (V, H, H, 3) in [0, 1] -> uint8 (V, size, size, 3), antialiased when shrinking."""
+    x = F.interpolate(rgb.permute(0, 3, 1, 2), size=(size, size), mode="bilinear", align_corners=False,
+                      antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def posed_scene(rgb, c2w, focal, size, scale, near, far, name, centre=None):
+    """One scene's views at `size` with positions divided by `scale`: a dict of tensors (see NerfModality)."""
+    H = rgb.shape[1]
+    k = (size or H) / H  # intrinsics scale with the picture
+    c2w = c2w.float().clone()
+    c2w[:, :3, 3] /= scale
+    cx = cy = H / 2 if centre is None else None
+    intr = torch.tensor([[focal * k, (cx if centre is None else centre[0]) * k, (cy if centre is None else centre[1]) * k]])
+    return {"images": resize_views(rgb, size or H), "poses": c2w, "intr": intr.expand(len(c2w), 3),
+            "near": near / scale, "far": far / scale, "name": name}
+
+
+def read_nerf_npz(path, size, flag):
+    """An .npz like lego_100px_train.npz: images_rgba (V, H, W, 4) uint8 (or images (V, H, W, 3)),
+    poses (V, 4, 4) camera-to-world (OpenGL), focal; near and far if present (else 2 and 6)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            z = {k: f[k] for k in f.keys()}
+    except Exception as e:
+        raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {e})")
+    key = "images_rgba" if "images_rgba" in z else "images" if "images" in z else None
+    if key is None or "poses" not in z or "focal" not in z:
+        raise SystemExit(f"{flag} {path}: expected arrays images_rgba (or images), poses and focal; "
+                         f"found {', '.join(z) or 'none'}")
+    a, poses = z[key], z["poses"]
+    if a.ndim != 4 or a.shape[-1] not in (3, 4) or a.shape[1] != a.shape[2] or poses.shape != (len(a), 4, 4):
+        raise SystemExit(f"{flag} {path}: {key} is {a.shape} and poses {poses.shape}; expected (V, H, H, 3 or 4) "
+                         f"square pictures and (V, 4, 4) poses")
+    a = torch.from_numpy(a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0))
+    rgb = a[..., :3] * a[..., 3:] + (1 - a[..., 3:]) if a.shape[-1] == 4 else a
+    near, far = float(z.get("near", 2.0)), float(z.get("far", 6.0))
+    return [posed_scene(rgb, torch.from_numpy(poses), float(z["focal"]), size, 1.5, near, far,
+                        os.path.splitext(os.path.basename(path))[0])]
+
+
+def read_nerf_synthetic(folder, split, size, flag):
+    """A NeRF-synthetic scene folder: transforms_<split>.json (camera_angle_x, frames with file_path
+    and transform_matrix) + RGBA pictures; near 2, far 6, scale 1.5 (the dataset's own)."""
+    import json
+
+    meta_path = os.path.join(folder, f"transforms_{split}.json")
+    try:
+        meta = json.load(open(meta_path))
+        frames, angle = meta["frames"], float(meta["camera_angle_x"])
+        files = [os.path.join(folder, fr["file_path"]) for fr in frames]
+        c2w = torch.tensor([fr["transform_matrix"] for fr in frames], dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{flag} {meta_path}: expected camera_angle_x and frames with file_path and "
+                         f"transform_matrix ({type(e).__name__}: {e})")
+    pics = [read_rgba(f if os.path.splitext(f)[1] else f + ".png", size, flag) for f in files]
+    rgb = torch.stack([resize_views(p[None], size or p.shape[0])[0].float() / 255 for p, _ in pics])
+    focal = 0.5 * rgb.shape[1] / math.tan(0.5 * angle)
+    return posed_scene(rgb, c2w, focal, None, 1.5, 2.0, 6.0, os.path.basename(os.path.normpath(folder)))
+
+
+def read_srn(folder, size, flag):
+    """An SRN scene folder: rgb/*.png, pose/*.txt (4x4 camera-to-world, OpenCV: y down, z forward),
+    intrinsics.txt (first line f cx cy; last line the picture size it refers to); near 0.8, far 1.8."""
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(folder, "rgb")) if f.endswith(".png"))
+    if not names:
+        raise SystemExit(f"{flag} {folder}/rgb: no .png pictures")
+    try:
+        lines = open(os.path.join(folder, "intrinsics.txt")).read().split("\n")
+        f, cx, cy = (float(v) for v in lines[0].split()[:3])
+        last = [ln for ln in lines if ln.strip()][-1].split()
+        W0 = float(last[-1]) if len(last) == 2 else 2 * cx  # the size the intrinsics refer to
+        c2w = torch.stack([torch.tensor([float(v) for v in open(os.path.join(folder, "pose", n + ".txt")).read().split()])
+                           .reshape(4, 4) for n in names])
+    except (OSError, ValueError, RuntimeError, IndexError) as e:
+        raise SystemExit(f"{flag} {folder}: expected intrinsics.txt (f cx cy) and pose/<name>.txt with 16 numbers "
+                         f"per picture ({type(e).__name__}: {e})")
+    c2w[:, :3, 1:3] *= -1  # OpenCV (y down, looking down +z) -> OpenGL (y up, looking down -z)
+    pics = [read_rgba(os.path.join(folder, "rgb", n + ".png"), size, flag)[0] for n in names]
+    rgb = torch.stack(pics)
+    k = rgb.shape[1] / W0
+    return posed_scene(rgb, c2w, f * k, size, 1.0, 0.8, 1.8, os.path.basename(os.path.normpath(folder)),
+                       centre=(cx * k, cy * k))
+
+
+def read_posed_scenes(path, size, flag="--data"):
+    """-> (training scenes, validation scenes): lists of posed_scene dicts of the same scenes.
+
+    .npz: one scene, every 10th view held out. A NeRF-synthetic scene folder (transforms_train.json):
+    its val split held out (every 10th training view when it has none). An SRN scene folder (rgb/):
+    every 10th view held out. A folder of such scene folders: every scene, each split the same way.
+    """
+    def every_tenth(scene):
+        V_ = len(scene["poses"])
+        val = torch.arange(V_) % 10 == 5 if V_ >= 2 else torch.zeros(V_, dtype=torch.bool)
+        pick = lambda m: {k: (v[m] if torch.is_tensor(v) and v.dim() and len(v) == V_ else v) for k, v in scene.items()}
+        return pick(~val), pick(val)
+
+    def one(folder):
+        if os.path.isfile(os.path.join(folder, "transforms_train.json")):
+            tr = read_nerf_synthetic(folder, "train", size, flag)
+            if os.path.isfile(os.path.join(folder, "transforms_val.json")):
+                va = read_nerf_synthetic(folder, "val", size, flag)
+                return tr, {k: (v[:10] if torch.is_tensor(v) and v.dim() else v) for k, v in va.items()}
+            return every_tenth(tr)
+        if os.path.isdir(os.path.join(folder, "rgb")):
+            return every_tenth(read_srn(folder, size, flag))
+        return None
+
+    if path.lower().endswith(".npz") and os.path.isfile(path):
+        pairs = [every_tenth(read_nerf_npz(path, size, flag)[0])]
+    elif not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: not a folder or an .npz file (expected posed pictures: NeRF-synthetic, "
+                         f"SRN or an .npz with images_rgba, poses, focal)")
+    else:
+        pairs = [one(path)] if one(path) is not None else [
+            p for p in (one(os.path.join(path, d)) for d in sorted(os.listdir(path))) if p is not None]
+    if not pairs:
+        raise SystemExit(f"{flag} {path}: no scene found (expected transforms_train.json or rgb/ + pose/ + "
+                         f"intrinsics.txt, in the folder or in its sub-folders)")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def stack_scenes(scenes, flag, path):
+    """Scenes of one picture size -> one dict of tensors with a leading scene axis (the fewest views of any)."""
+    sizes = {s["images"].shape[1] for s in scenes}
+    if len(sizes) > 1:
+        raise SystemExit(f"{flag} {path}: pictures of different sizes {sorted(sizes)}; pass --view-size to resize them")
+    V_ = min(len(s["poses"]) for s in scenes)
+    if V_ < 1:
+        raise SystemExit(f"{flag} {path}: a scene has no views left to use")
+    return {"x": torch.arange(len(scenes)), "label": None, "names": [s["name"] for s in scenes],
+            "images": torch.stack([s["images"][:V_] for s in scenes]), "poses": torch.stack([s["poses"][:V_] for s in scenes]),
+            "intr": torch.stack([s["intr"][:V_] for s in scenes]),
+            "near": torch.tensor([s["near"] for s in scenes]), "far": torch.tensor([s["far"] for s in scenes])}
+
+
+class NerfModality:
+    """Everything train.py and sample.py need to know about radiance fields.
+
+    Synthetic data items: "x" coloured surface points (n, P, 6) and "params" (file 07's scene
+    parameters, for exact pictures from any camera). Posed-image data items: "x" the scene
+    index (n,), "images" uint8 (n, V, H, H, 3), "poses" (n, V, 4, 4), "intr" (n, V, 3) = (f, cx, cy),
+    "near", "far" (n,). cfg["resolution"] is the size of the tri-plane (and of the finest basis
+    field); cfg["view_size"] the size of the pictures.
+    """
+
+    name = "nerf"
+    presets = {
+        # tiny: planes of 32, latent 3 x 8 x 8 x 8, fields at 8, 16, 32; 1024 rays x 32 samples per scene and step
+        "tiny": dict(resolution=32, batch_size=4, coords_per_item=1024, samples_per_ray=32, view_size=0, frames=12,
+                     z_ch=8, enc_ch=32, enc_mult=(1, 2, 2), field_ch=16, mlp_hidden=64, mlp_layers=4, lambda_z=1e-3,
+                     vae_steps=3000, vae_lr=1e-3, ldm_ch=64, ldm_mult=(1, 2), ldm_attn=(1,), ldm_steps=4000,
+                     ldm_batch=32, ldm_lr=2e-4, ema_decay=0.999, sampler="ddpm", sample_steps=100, prediction="v"),
+        # paper: latent 3 x 64 ch x 16 x 16, 5000 rays of 256 samples (DESIGN.md section 2); HDBF fields
+        # at 16, 32, 64 where the release had a single one at 64
+        "paper": dict(resolution=64, batch_size=8, coords_per_item=5000, samples_per_ray=256, view_size=0, frames=36,
+                      z_ch=64, enc_ch=64, enc_mult=(1, 2, 2), field_ch=32, mlp_hidden=256, mlp_layers=5, lambda_z=0.05,
+                      vae_steps=300_000, vae_lr=1e-4, ldm_ch=128, ldm_mult=(1, 2, 2), ldm_attn=(1, 2),
+                      ldm_steps=500_000, ldm_batch=32, ldm_lr=1e-4, ema_decay=0.9999, sampler="ddim",
+                      sample_steps=200, prediction="v"),
+    }
+    synthetic_train, synthetic_val = 1000, 16
+    num_points, encoder_points = 2048, 1024  # coloured points kept per synthetic scene; points the encoder sees
+    features = 8  # F: colour features of the read-out beside the density
+
+    # -- data ------------------------------------------------------------------------------
+    def load(self, data, resolution, val_fraction=0.1, seed=0, frames=None):
+        """-> (train, val, num_classes). Posed pictures: val = held-out views of the training scenes,
+        resized to cfg["view_size"] (0: their own size; see configure)."""
+        if data is None:
+            return self.synthetic(self.synthetic_train, seed), self.held_out_synthetic(seed), 0
+        tr, va = read_posed_scenes(data, self.run.get("view_size", 0))
+        return stack_scenes(tr, "--data", data), stack_scenes(va, "--data", data), 0
+
+    def synthetic(self, n, seed):
+        R = importlib.import_module("07_volume_rendering")
+        params = R.synthetic_scene_params(n, seed=seed)
+        points = R.scene_points(params, self.num_points, torch.Generator().manual_seed(seed))
+        return {"x": points, "params": params, "label": None}
+
+    def held_out_synthetic(self, seed=0):
+        return self.synthetic(self.synthetic_val, seed + 1_000_003)
+
+    run = {}  # the settings of the run in progress, for load and training_batch (the drivers' fixed signatures)
+
+    def configure(self, cfg):
+        """train.py calls this before load, and again with the data_config below merged into cfg."""
+        self.run = dict(cfg)
+
+    def data_config(self, train, cfg):
+        """What the model and the renders need to know about the data, stored in the run's config."""
+        R = importlib.import_module("07_volume_rendering")
+        if "images" not in train:  # synthetic: cameras at radius 3 anywhere, y up
+            return {"num_scenes": 0, "view_size": cfg.get("view_size") or 48, "up": [0.0, 1.0, 0.0],
+                    "cam_radius": R.SCENE_RADIUS, "cam_elevation": 25.0, "fov": R.SCENE_FOV, "near": 0.0, "far": 1e9}
+        poses = train["poses"].flatten(0, 1)  # (n V, 4, 4)
+        up = F.normalize(poses[:, :3, 1].mean(0), dim=0)  # the cameras' mean up axis is the world's
+        eyes = poses[:, :3, 3]
+        radius = eyes.norm(dim=-1)
+        elevation = torch.rad2deg(torch.asin((eyes @ up / radius).clamp(-1, 1)))
+        size = train["images"].shape[2]
+        fov = math.degrees(2 * math.atan(0.5 * size / train["intr"][..., 0].median().item()))
+        return {"num_scenes": len(train["x"]), "view_size": size, "up": up.tolist(),
+                "cam_radius": radius.median().item(), "cam_elevation": elevation.median().item(), "fov": fov,
+                "near": train["near"].min().item(), "far": train["far"].max().item(), "scene_names": train["names"]}
+
+    def to_signal(self, x):
+        """Stored data -> the encoder's input: the first encoder_points coloured points, or the scene indices."""
+        return x if x.dim() == 1 else x[:, :self.encoder_points].float()
+
+    # -- model -----------------------------------------------------------------------------
+    def build_vae(self, cfg):
+        """Point cloud (PointNet) or scene index (auto-decoding) -> tri-plane -> HDBF fields -> concat lookup
+        -> CFC read-out -> (density, colour features) -> file 07's colour head and volume rendering."""
+        import functools
+
+        R = importlib.import_module("07_volume_rendering")
+        Hd = importlib.import_module("03_hdbf_cfc")
+        decoder, readout = Hd.build_decoder_readout(cfg["variant"], cfg["z_ch"], cfg["field_ch"], 1 + self.features,
+                                                    cfg["enc_ch"], tuple(cfg["enc_mult"]), cfg["mlp_hidden"],
+                                                    cfg["mlp_layers"], embed_mult=3)
+        if cfg["num_scenes"]:
+            encoder = AutoDecoder(cfg["num_scenes"], cfg["z_ch"], self.latent_shape(cfg)[-1])
+        else:
+            encoder = ShapeEncoder(cfg["z_ch"], cfg["enc_ch"], tuple(cfg["enc_mult"]), cfg["resolution"], point_dim=6)
+        return R.RadianceFieldVAE(encoder, decoder, readout, functools.partial(inr.triplane_lookup, combine="concat"),
+                                  R.RadianceHead(self.features), background=1.0)
+
+    latent_shape = ShapeModality.latent_shape  # three h x h planes stacked on channels: (3Z, h, h)
+    unstack_planes = ShapeModality.unstack_planes
+
+    # -- the ELBO's pieces -----------------------------------------------------------------
+    def training_batch(self, data, idx, K, generator, device):
+        """-> (encoder input, rays (B, K, 8 + S), true colours (B, K, 3)); every draw from `generator`."""
+        R = importlib.import_module("07_volume_rendering")
+        S, size = self.run["samples_per_ray"], self.run["view_size"]
+        B = len(idx)
+        if "images" in data:  # K random pixels of random views of each scene
+            Vn, H = data["images"].shape[1], data["images"].shape[2]
+            v, r, c = (torch.randint(m, (B, K), generator=generator) for m in (Vn, H, H))
+            scene = idx[:, None].expand(-1, K)
+            target = data["images"][scene, v, r, c].float() / 127.5 - 1
+            o, d = R.pixel_rays(data["poses"][scene, v], data["intr"][scene, v], r.float(), c.float())
+            rays = R.make_rays(o, d, S, data["near"][scene], data["far"][scene], generator)
+            x = idx
+        else:  # K random pixels of random cameras around each synthetic scene: exact colours
+            c2w, intr = R.random_cameras((B, K), generator, size=size)
+            r, c = (torch.randint(size, (B, K), generator=generator).float() for _ in range(2))
+            o, d = R.pixel_rays(c2w, intr, r, c)
+            params = {k: v[idx] for k, v in data["params"].items()}
+            target = R.scene_render(params, o, d)
+            rays = R.make_rays(o, d, S, generator=generator)
+            sub = torch.rand(B, data["x"].shape[1], generator=generator).argsort(1)[:, :self.encoder_points]
+            x = data["x"][idx].gather(1, sub[..., None].expand(-1, -1, 6))
+        return x.to(device), rays.to(device), target.to(device)
+
+
+    @staticmethod
+    def values_per_item(cfg):
+        """D_x of the ELBO's scaling (file 02): colour values of one picture of a scene."""
+        return 3 * cfg["view_size"] ** 2
+
+    recon = staticmethod(ImageModality.recon)  # L1 on the rendered colours
+
+    # -- outputs ---------------------------------------------------------------------------
+    def cameras(self, cfg, azimuths, size):
+        """Cameras around the scene's up axis at the data's radius and median elevation -> c2w (T, 4, 4), intr (T, 3)."""
+        R = importlib.import_module("07_volume_rendering")
+        c2w = torch.stack([R.orbit_c2w(a, cfg["cam_elevation"], cfg["cam_radius"], cfg["up"]) for a in azimuths])
+        f = 0.5 * size / math.tan(math.radians(cfg["fov"]) / 2)
+        return c2w, torch.tensor([f, size / 2, size / 2]).expand(len(azimuths), 3)
+
+    def render_views(self, vae, fields, c2w, intr, size, cfg):
+        """Every item from every camera: fields of B scenes, T cameras -> (B, 3, T, size, size)."""
+        dev = fields[0].device
+        B, T = fields[0].shape[0], len(c2w)
+        out = torch.stack([vae.render(fields, c2w[t:t + 1].expand(B, -1, -1).to(dev), intr[t:t + 1].expand(B, -1).to(dev),
+                                      size, size, cfg["samples_per_ray"], cfg["near"], cfg["far"]) for t in range(T)], 2)
+        return out
+
+    @staticmethod
+    def default_resolution(cfg):
+        return cfg["view_size"]
+
+    def preview(self, vae, fields, cfg):
+        """One picture per scene, from 30 degrees around the up axis: (B, 3, view_size, view_size)."""
+        c2w, intr = self.cameras(cfg, [30.0], cfg["view_size"])
+        return self.render_views(vae, fields, c2w, intr, cfg["view_size"], cfg)[:, :, 0]
+
+    def truth_views(self, items, i, cfg):
+        """Scene i's pictures to compare with and their cameras: (V, 3, H, H), c2w (V, 4, 4), intr (V, 3)."""
+        R = importlib.import_module("07_volume_rendering")
+        if "images" in items:
+            return items["images"][i].permute(0, 3, 1, 2).float() / 127.5 - 1, items["poses"][i], items["intr"][i]
+        size = cfg["view_size"]
+        c2w, intr = self.cameras(cfg, [30.0, 150.0, 270.0], size)
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        o, d = R.pixel_rays(c2w[:, None], intr[:, None], rows.reshape(1, -1).float(), cols.reshape(1, -1).float())
+        params = {k: v[i:i + 1].expand(len(c2w), *v.shape[1:]) for k, v in items["params"].items()}
+        return R.scene_render(params, o, d).reshape(-1, size, size, 3).permute(0, 3, 1, 2), c2w, intr
+
+    def compare(self, vae, items, cfg, device, n=None, size=None):
+        """Render every item's truth views from its posterior mean -> (mean PSNR, per-item PSNRs, truth, renders)."""
+        n = len(items["x"]) if n is None else min(n, len(items["x"]))
+        psnrs, truths, recs = [], [], []
+        for i in range(n):
+            truth, c2w, intr = self.truth_views(items, i, cfg)
+            x = self.to_signal(items["x"][i:i + 1]).to(device)
+            fields = vae.decode(vae.encode(x).mean)
+            H = truth.shape[-1]
+            rec = torch.stack([vae.render(fields, c2w[v:v + 1].to(device), intr[v:v + 1].to(device), H, H,
+                                          cfg["samples_per_ray"], cfg["near"], cfg["far"])[0].cpu()
+                               for v in range(len(c2w))])
+            psnrs.append(float(inr.psnr(rec, truth)))
+            truths.append(truth)
+            recs.append(rec)
+        return sum(psnrs) / n, psnrs, truths, recs
+
+    def evaluate(self, vae, val, cfg, device):
+        """Validation PSNR of held-out views (posed data) or of three views of held-out scenes (synthetic)."""
+        score, _, truths, recs = self.compare(vae, val, cfg, device)
+        truth, rec = torch.cat(truths)[:8], torch.cat(recs)[:8]
+        return {"psnr": score}, [truth, rec], ["held out", "rendered"]
+
+    describe = staticmethod(ImageModality.describe)
+
+    def sample_outputs(self, vae, fields, cfg, resolutions, out):
+        """sample.py: a turntable of cfg["frames"] views per sample at every resolution -> one row per sample and size."""
+        T = cfg["frames"] or 12
+        rows, names = [], []
+        for k in range(min(8, fields[0].shape[0])):
+            one = [f[k:k + 1] for f in fields]
+            for R_ in resolutions:
+                c2w, intr = self.cameras(cfg, [360.0 * t / T for t in range(T)], R_)
+                rows.append(self.render_views(vae, one, c2w, intr, R_, cfg).cpu())
+                names.append(f"#{k} {R_}x{R_}")
+        return rows, names
+
+    def reconstruct(self, vae, cfg, source, resolutions, n, device):
+        """sample.py --reconstruct: render the cameras of `source` and print the mean PSNR against its pictures.
+
+        `source`: "synthetic" (held-out synthetic scenes, encoded from their point clouds; a
+        model trained on synthetic scenes), or posed pictures in any format of --data, whose
+        scenes are matched to the model's by name (a model fit to one scene renders that scene).
+        """
+        if source == "synthetic":
+            if cfg["num_scenes"]:
+                raise SystemExit("--reconstruct synthetic: this model was auto-decoded from posed pictures; "
+                                 "give it pictures of its own scenes")
+            items = self.held_out_synthetic(cfg["seed"])
+        else:
+            if not cfg["num_scenes"]:
+                raise SystemExit(f"--reconstruct {source}: this model encodes point clouds (synthetic scenes); "
+                                 f"posed pictures have none, use --reconstruct synthetic")
+            tr, va = read_posed_scenes(source, cfg["view_size"], "--reconstruct")
+            scenes = [{k: (torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) and a[k].dim() else a[k]) for k in a}
+                      for a, b in zip(tr, va)]  # every view of each scene
+            known = cfg["scene_names"]
+            for s in scenes:
+                if len(known) > 1 and s["name"] not in known:
+                    raise SystemExit(f"--reconstruct {source}: scene {s['name']!r} is not one the model was fit to "
+                                     f"({', '.join(known[:5])}{', ...' if len(known) > 5 else ''})")
+            items = stack_scenes(scenes, "--reconstruct", source)
+            items["x"] = torch.tensor([known.index(s["name"]) if len(known) > 1 else 0 for s in scenes])
+        score, each, truths, recs = self.compare(vae, items, cfg, device, n=n if source == "synthetic" else None)
+        views = sum(len(t) for t in truths)
+        print(f"{len(each)} scene(s), {views} views at {truths[0].shape[-1]}x{truths[0].shape[-1]}: "
+              f"mean PSNR {score:.2f} dB" + ("" if len(each) == 1 else " (" + ", ".join(f"{p:.2f}" for p in each) + ")"))
+        rows, names = [], []
+        for t, r in zip(truths[:4], recs[:4]):
+            rows += [t[:8], r[:8]]
+            names += ["data", "rendered"]
+        return rows, names
+
+    @staticmethod
+    def write_sheet(rows, path, row_names=None, title=None):
+        """Rows of pictures (n, 3, R, R) -> a PNG; rows of turntables (n, 3, T, R, R) -> a PNG strip and a GIF."""
+        if rows[0].dim() == 5:
+            write_clips(rows, path, row_names, title, strip_frames=min(8, rows[0].shape[2]))
+        else:
+            ImageModality.write_sheet(rows, path, row_names, title)
+
+
 # One record per modality; the drivers look modalities up here by name.
-MODALITIES = {"image": ImageModality(), "shape": ShapeModality(), "video": VideoModality()}
+MODALITIES = {"image": ImageModality(), "shape": ShapeModality(), "video": VideoModality(),
+              "nerf": NerfModality()}
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ class Config:
     steps: int = 0  # optimiser steps per stage; 0: the preset's, or as many as fit in --max-minutes
     max_minutes: float = 0.0  # wall-clock bound per stage (the schedules are planned to fit); 0: none
     resolution: int = 0  # training resolution R; 0: the preset's
-    frames: int = 0  # videos: frames per clip T; 0: the preset's
+    frames: int = 0  # videos: frames per clip T; NeRF: turntable views; 0: the preset's
+    view_size: int = 0  # NeRF: side of the pictures (posed pictures are resized to it); 0: the data's own, 48 synthetic
+    samples_per_ray: int = 0  # NeRF: stratified samples per ray (file 07); 0: the preset's
     batch_size: int = 0  # stage-1 batch; 0: the preset's
     grad_accum: int = 1  # micro-batches per optimiser step (the same step in less memory); both stages
     val_fraction: float = 0.1  # share of a data folder held out for validation
@@ -91,10 +93,10 @@ class Config:
 # The range of every numeric flag: (lowest, highest, what to say when it is outside).
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
 NUMBER_RANGES = {
-    **{k: _POS for k in ("resolution", "frames", "batch_size", "grad_accum", "log_every", "ckpt_every", "z_ch",
+    **{k: _POS for k in ("resolution", "frames", "samples_per_ray", "batch_size", "grad_accum", "log_every", "ckpt_every", "z_ch",
                          "enc_ch", "field_ch", "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch", "ldm_steps",
                          "ldm_batch", "sample_steps")},
-    **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z")},
+    **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z", "view_size")},
     "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
     "ldm_attn": (0, math.inf, "level indices like 1 or 2,3"),
     "val_fraction": (1e-9, 1 - 1e-9, "a fraction between 0 and 1 (exclusive)"),
@@ -752,8 +754,13 @@ def train_run(cfg, given):
     torch.manual_seed(cfg["seed"])
     mod = M.MODALITIES[cfg["modality"]]
     t_load = time.time()
+    configure = getattr(mod, "configure", lambda c: None)  # records that need the run's settings (NeRF)
+    configure(cfg)
     train, val, num_classes = mod.load(cfg["data"], cfg["resolution"], cfg["val_fraction"], cfg["seed"],
                                        frames=cfg.get("frames"))
+    if hasattr(mod, "data_config"):  # what the model must know about the data (NeRF: scenes, cameras)
+        cfg = {**cfg, **mod.data_config(train, cfg)}
+        configure(cfg)
     print(f"data: {len(train['x'])} training and {len(val['x'])} validation items "
           f"({cfg['data'] or 'built-in synthetic'}, {cfg['resolution']}x{cfg['resolution']}, {time.time() - t_load:.0f} s)")
 
