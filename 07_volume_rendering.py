@@ -103,11 +103,12 @@ def turntable(num_views, elevation_deg, radius, up=(0.0, 1.0, 0.0)):
 # and far planes, to those too. A ray that misses the cube keeps an empty interval: it sees
 # only the background.
 def clip_rays(origins, dirs, near=0.0, far=math.inf):
-    """-> t_near (...), t_far (...) of the part of each ray inside the cube and [near, far]."""
+    """-> t_near (...), t_far (...) of the part of each ray inside the cube and [near, far]
+    (near, far: numbers, or tensors that broadcast to origins.shape[:-1])."""
     shape = origins.shape[:-1]
     t0, t1, _ = G.ray_box(origins.reshape(-1, 3), dirs.reshape(-1, 3))
-    lo = t0.reshape(shape).clamp(min=near)
-    hi = t1.reshape(shape).clamp(max=far)
+    lo = torch.maximum(t0.reshape(shape), torch.as_tensor(near, dtype=t0.dtype))
+    hi = torch.minimum(t1.reshape(shape), torch.as_tensor(far, dtype=t1.dtype))
     return lo, torch.maximum(hi, lo)  # empty interval: t_far = t_near
 
 
@@ -150,17 +151,26 @@ def composite(sigma, colour, delta, background):
     return rgb, w
 
 
-# A ray record packs what the quadrature needs into one tensor of 8 + S numbers per ray, so
+# A ray record packs what the quadrature needs into one tensor of 11 + S numbers per ray, so
 # that rays travel through train.py like the coordinates of any other modality:
-# (origin 3, direction 3, t_near, t_far, u_1 .. u_S). The jitter u is part of the record so
-# that a training batch is drawn entirely from the run's generator (and is the same on any
-# number of processes); make_rays(..., generator=None) gives the bin centres, for rendering.
-def make_rays(origins, dirs, samples, near=0.0, far=math.inf, generator=None):
-    """-> ray records (..., 8 + samples)."""
+# (origin 3, direction 3, t_near, t_far, background colour 3, u_1 .. u_S). The jitter u is
+# part of the record so that a training batch is drawn entirely from the run's generator
+# (and is the same on any number of processes); make_rays(..., generator=None) gives the bin
+# centres, for rendering.
+#
+# Why each ray carries its background: on a fixed white background, white fog and empty space
+# give the same picture, so nothing stops the field from leaving white floaters around the
+# object (where no view sees anything behind them). When the data knows which pixels are
+# background (an alpha channel, or the synthetic scenes), training puts every ray on its own
+# random background colour, the target too (a c + (1 - a) background): transparency is then
+# the only right answer where the scene is empty. Pictures are rendered on white.
+def make_rays(origins, dirs, samples, near=0.0, far=math.inf, background=1.0, generator=None):
+    """-> ray records (..., 11 + samples); background: a number or colours (..., 3) in [-1, 1]."""
     lo, hi = clip_rays(origins, dirs, near, far)
     shape = (*origins.shape[:-1], samples)
     u = torch.full(shape, 0.5) if generator is None else torch.rand(shape, generator=generator)
-    return torch.cat([origins, dirs, lo[..., None], hi[..., None], u.to(origins.device)], -1)
+    bg = torch.as_tensor(background, dtype=origins.dtype).expand_as(origins)
+    return torch.cat([origins, dirs, lo[..., None], hi[..., None], bg, u.to(origins.device)], -1)
 
 
 # ========================================================================================
@@ -204,28 +214,28 @@ class RadianceHead(nn.Module):
 
 
 class RadianceFieldVAE(V.D2CVAE):
-    """The D2C-VAE of file 02 whose query renders rays: query(fields, rays (B, N, 8 + S)) -> (B, N, 3).
+    """The D2C-VAE of file 02 whose query renders rays: query(fields, rays (B, N, 11 + S)) -> (B, N, 3).
 
     Everything else (encode, decode, the ELBO of file 02, the diffusion of file 04) is
     unchanged: to them a pixel colour is just the signal at a "coordinate", the ray.
     """
 
-    def __init__(self, encoder, decoder, readout, lookup, head, background=1.0):
+    def __init__(self, encoder, decoder, readout, lookup, head):
         super().__init__(encoder, decoder, readout, lookup)
-        self.head, self.background = head, background
+        self.head = head
 
     def radiance(self, fields, points, dirs):
         """sigma (B, M) and colour (B, M, 3) at points (B, M, 3) seen along dirs (B, M, 3)."""
         return self.head(super().query(fields, points), dirs)
 
     def query(self, fields, rays):
-        o, d, lo, hi, u = rays[..., :3], rays[..., 3:6], rays[..., 6], rays[..., 7], rays[..., 8:]
+        o, d, lo, hi, bg, u = rays[..., :3], rays[..., 3:6], rays[..., 6], rays[..., 7], rays[..., 8:11], rays[..., 11:]
         B, N, S = u.shape
         t, delta = stratified_depths(lo, hi, u)  # (B, N, S), (B, N)
         points = o[..., None, :] + t[..., None] * d[..., None, :]  # r(t_i) = o + t_i d, (B, N, S, 3)
         dirs = d[..., None, :].expand(B, N, S, 3)
         sigma, colour = self.radiance(fields, points.reshape(B, N * S, 3), dirs.reshape(B, N * S, 3))
-        rgb, _ = composite(sigma.reshape(B, N, S), colour.reshape(B, N, S, 3).float(), delta, self.background)
+        rgb, _ = composite(sigma.reshape(B, N, S), colour.reshape(B, N, S, 3).float(), delta, bg)
         return rgb
 
     def render(self, fields, c2w, intrinsics, height, width, samples, near=0.0, far=math.inf, chunk=8192):
@@ -310,21 +320,34 @@ def shade(params, normal, k):
 
 
 def scene_render(params, o, d, background=1.0):
-    """Exact pixel colours (n, N, 3) in [-1, 1] of rays o, d (n, N, 3)."""
+    """Exact pixel colours (n, N, 3) in [-1, 1] of rays o, d (n, N, 3); background: a number or (n, N, 3)."""
     t, normal, k = scene_hit(params, o, d)
-    return torch.where(torch.isinf(t)[..., None], torch.full_like(o, background), shade(params, normal, k))
+    bg = torch.as_tensor(background, dtype=o.dtype).expand_as(o)
+    return torch.where(torch.isinf(t)[..., None], bg, shade(params, normal, k))
+
+
+def look_at_origin(eyes, up=(0.0, 1.0, 0.0)):
+    """Cameras at eyes (..., 3) looking at the origin: c2w (..., 4, 4), file 06's look_at for many at once."""
+    up = torch.as_tensor(up, dtype=eyes.dtype).expand_as(eyes)
+    forward = F.normalize(-eyes, dim=-1)
+    right = torch.linalg.cross(forward, up)
+    # a camera straight above or below: another up vector, the one file 06 picks
+    alt = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, -1.0]).expand_as(eyes))
+    right = F.normalize(torch.where(right.norm(dim=-1, keepdim=True) < 1e-6, alt, right), dim=-1)
+    c2w = torch.zeros(*eyes.shape[:-1], 4, 4)
+    c2w[..., :3, 0], c2w[..., :3, 1] = right, torch.linalg.cross(right, forward)
+    c2w[..., :3, 2], c2w[..., :3, 3], c2w[..., 3, 3] = -forward, eyes, 1.0
+    return c2w
 
 
 def random_cameras(shape, generator, radius=SCENE_RADIUS, fov=SCENE_FOV, size=64):
     """Cameras of the synthetic scenes anywhere on the sphere: c2w (*shape, 4, 4), intrinsics (*shape, 3)."""
-    n = math.prod(shape)
-    z = torch.rand(n, generator=generator) * 2 - 1  # uniform on the sphere: z and the angle uniform
-    phi = torch.rand(n, generator=generator) * 2 * math.pi
+    z = torch.rand(shape, generator=generator) * 2 - 1  # uniform on the sphere: z and the angle uniform
+    phi = torch.rand(shape, generator=generator) * 2 * math.pi
     r = (1 - z * z).sqrt()
     eyes = radius * torch.stack([r * torch.cos(phi), z, r * torch.sin(phi)], -1)
-    c2w = torch.stack([G.look_at(e, (0.0, 0.0, 0.0), (0.0, 1.0, 0.0)) for e in eyes]).reshape(*shape, 4, 4)
     intr = torch.tensor([G.focal_from_fov(size, fov), size / 2, size / 2]).expand(*shape, 3)
-    return c2w, intr
+    return look_at_origin(eyes), intr
 
 
 def scene_points(params, num_points, generator):
@@ -369,7 +392,9 @@ if __name__ == "__main__":
         c2w, intr = random_cameras((1, 1024), g, size=size)
         rows, cols = torch.randint(size, (2, 1, 1024), generator=g)
         o, d = pixel_rays(c2w, intr, rows, cols)
-        loss = (vae.query(fields, make_rays(o, d, S, generator=g)) - scene_render(params, o, d)).abs().mean()
+        bg = torch.rand(o.shape, generator=g) * 2 - 1  # a random background per ray (see make_rays)
+        pred = vae.query(fields, make_rays(o, d, S, background=bg, generator=g))
+        loss = (pred - scene_render(params, o, d, bg)).pow(2).mean()  # squared error (file 05's NeRF recon says why)
         opt.zero_grad()
         loss.backward()
         opt.step()

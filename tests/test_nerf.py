@@ -199,7 +199,8 @@ def test_the_three_readers_give_the_same_pictures_and_rays(posed):
     held_out = torch.arange(10) % 10 == 5
     for name, (tr, va) in scenes.items():
         assert len(tr) == 1 and len(tr[0]["poses"]) == 9 and len(va[0]["poses"]) == 1, name
-        assert (tr[0]["images"].int() - posed["imgs"][~held_out].int()).abs().max() <= 1, name
+        assert tr[0]["images"].shape == (9, 16, 16, 4) and (tr[0]["images"][..., 3] == 255).all(), name
+        assert (tr[0]["images"][..., :3].int() - posed["imgs"][~held_out].int()).abs().max() <= 1, name
         rows, cols = torch.tensor([0.0, 7.0, 15.0]), torch.tensor([3.0, 8.0, 15.0])
         o, d = R.pixel_rays(tr[0]["poses"][:, None], tr[0]["intr"][:, None], rows, cols)
         # the cameras the pictures were rendered with (positions in the cube's units)
