@@ -1407,13 +1407,14 @@ def resize_views(rgb, size):
 
 
 def posed_scene(rgb, c2w, focal, size, scale, near, far, name, centre=None):
-    """One scene's views at `size` with positions divided by `scale`: a dict of tensors (see NerfModality)."""
+    """One scene's RGBA views (V, H, H, 4) resized to `size` (0 or None: kept), positions and near/far
+    divided by `scale`: a dict of tensors (see NerfModality)."""
     H = rgb.shape[1]
     k = (size or H) / H  # intrinsics scale with the picture
     c2w = c2w.float().clone()
     c2w[:, :3, 3] /= scale
-    cx = cy = H / 2 if centre is None else None
-    intr = torch.tensor([[focal * k, (cx if centre is None else centre[0]) * k, (cy if centre is None else centre[1]) * k]])
+    cx, cy = (H / 2, H / 2) if centre is None else centre  # principal point, in pixels of the file
+    intr = torch.tensor([[focal * k, cx * k, cy * k]])
     return {"images": resize_views(rgb, size or H), "poses": c2w, "intr": intr.expand(len(c2w), 3),
             "near": near / scale, "far": far / scale, "name": name}
 

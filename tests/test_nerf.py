@@ -246,9 +246,9 @@ def test_one_scene_overfits_through_the_auto_decoded_vae(posed):
     cfg = {**cfg, **NERF.data_config(data, cfg)}
     NERF.configure(cfg)
     vae = NERF.build_vae(cfg)
-    opt = torch.optim.Adam(vae.parameters(), lr=5e-3)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)  # (5e-3 makes the density blow up)
     g = torch.Generator().manual_seed(0)
-    for step in range(150):
+    for step in range(200):
         x, rays, target = NERF.training_batch(data, torch.zeros(1, dtype=torch.long), 512, g, "cpu")
         loss = V.elbo_loss(vae, x, rays, target, 1e-6, NERF.values_per_item(cfg), NERF.recon)["loss"]
         opt.zero_grad()
@@ -257,7 +257,8 @@ def test_one_scene_overfits_through_the_auto_decoded_vae(posed):
     with torch.no_grad():
         train_psnr, _, _, _ = NERF.compare(vae, data, cfg, "cpu")
         scores, rows, _ = NERF.evaluate(vae, val, cfg, "cpu")
-    assert train_psnr > 20 and scores["psnr"] > 17, (train_psnr, scores)
+    # 24.6 dB on its 9 views and 18.1 dB on the held-out one when this was written (16x16 pictures)
+    assert train_psnr > 21 and scores["psnr"] > 15, (train_psnr, scores)
 
 
 @pytest.fixture(scope="module")
