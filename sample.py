@@ -4,6 +4,8 @@
     python sample.py --ckpt runs/image/ckpt.pt --resolution 32,64,128  # the same samples at three resolutions
     python sample.py --ckpt runs/image/ckpt.pt --label 2 --guidance 3  # classifier-free guidance
     python sample.py --ckpt runs/faces/ckpt.pt --reconstruct ./test_faces --resolution 128
+    python sample.py --ckpt runs/nerf/ckpt.pt --resolution 48,96 --frames 24    # NeRF: turntables (PNG + GIF)
+    python sample.py --ckpt runs/lego/ckpt.pt --reconstruct lego_100px_train.npz  # NeRF: render its poses
 
 Sampling: latent DDIM/DDPM (file 04) -> the VAE's decoder -> basis fields -> the read-out
 MLP at the pixel centres of any grid. Reconstruction: encode each image at the training
@@ -40,14 +42,14 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a run")
     p.add_argument("--n", type=int, default=16, help="number of samples (--reconstruct synthetic: of items)")
     p.add_argument("--resolution", type=positive_ints, default=None, help="R or R1,R2,...: render sizes")
-    p.add_argument("--frames", type=int, default=None, help="videos: frames to render, any number (default: the training T)")
+    p.add_argument("--frames", type=int, default=None, help="videos: frames to render, any number (default: the training T); NeRF: turntable views")
     p.add_argument("--steps", type=int, default=None, help="sampling steps; default: the run's sample_steps")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="class to sample (labelled data only)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w")
-    p.add_argument("--reconstruct", default=None, help="a folder of images (or 'synthetic') to reconstruct")
+    p.add_argument("--reconstruct", default=None, help="data to reconstruct, in any format --data takes, or 'synthetic'")
     p.add_argument("--out", default=None, help="output PNG; default: next to the checkpoint")
     p.add_argument("--device", default="", help="cpu or cuda; default: cuda when available")
     a = p.parse_args(argv)
