@@ -761,8 +761,9 @@ def train_run(cfg, given):
     if hasattr(mod, "data_config"):  # what the model must know about the data (NeRF: scenes, cameras)
         cfg = {**cfg, **mod.data_config(train, cfg)}
         configure(cfg)
+    size = cfg.get("view_size") or cfg["resolution"]  # NeRF: the pictures' size (its resolution is the planes')
     print(f"data: {len(train['x'])} training and {len(val['x'])} validation items "
-          f"({cfg['data'] or 'built-in synthetic'}, {cfg['resolution']}x{cfg['resolution']}, {time.time() - t_load:.0f} s)")
+          f"({cfg['data'] or 'built-in synthetic'}, {size}x{size}, {time.time() - t_load:.0f} s)")
 
     vae = mod.build_vae(cfg).to(device)
     vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg["vae_lr"])
