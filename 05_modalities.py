@@ -1382,21 +1382,27 @@ class AutoDecoder(nn.Module):
         return self.table[idx]
 
 
-def read_rgba(path, flag):
-    """A square picture file -> float (H, H, 4) RGBA in [0, 1] (alpha 1 where the file has none), H."""
-    import matplotlib.image
+def to_unit_rgba(a):
+    """numpy (..., H, W, C), C = 1, 3 or 4, uint8 or float in [0, 1] -> float tensor (..., H, W, 4),
+    alpha 1 where there is none."""
     import numpy as np
+
+    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    a = np.repeat(a, 3, -1) if a.shape[-1] == 1 else a
+    return torch.from_numpy(np.ascontiguousarray(a if a.shape[-1] == 4 else np.concatenate([a, np.ones_like(a[..., :1])], -1)))
+
+
+def read_rgba(path, flag):
+    """A square picture file -> float (H, H, 4) RGBA in [0, 1]."""
+    import matplotlib.image
 
     try:
         a = matplotlib.image.imread(path)
     except Exception as e:
         raise SystemExit(f"{flag} {path}: cannot read this image ({type(e).__name__}: {e})")
-    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-    a = a[..., None].repeat(3, -1) if a.ndim == 2 else a
     if a.shape[0] != a.shape[1]:
         raise SystemExit(f"{flag} {path}: picture is {a.shape[1]}x{a.shape[0]}; expected a square one")
-    rgba = a if a.shape[-1] == 4 else np.concatenate([a[..., :3], np.ones_like(a[..., :1])], -1)
-    return torch.from_numpy(np.ascontiguousarray(rgba)), a.shape[0]
+    return to_unit_rgba(a[..., None] if a.ndim == 2 else a)  # greyscale: add the channel axis
 
 
 def resize_views(rgb, size):
@@ -1420,7 +1426,7 @@ def posed_scene(rgb, c2w, focal, size, scale, near, far, name, centre=None):
 
 
 def read_nerf_npz(path, size, flag):
-    """An .npz like lego_100px_train.npz: images_rgba (V, H, W, 4) uint8 (or images (V, H, W, 3)),
+    """One scene from an .npz like lego_100px_train.npz: images_rgba (V, H, W, 4) uint8 (or images (V, H, W, 3)),
     poses (V, 4, 4) camera-to-world (OpenGL), focal; near and far if present (else 2 and 6)."""
     import numpy as np
 
@@ -1437,11 +1443,9 @@ def read_nerf_npz(path, size, flag):
     if a.ndim != 4 or a.shape[-1] not in (3, 4) or a.shape[1] != a.shape[2] or poses.shape != (len(a), 4, 4):
         raise SystemExit(f"{flag} {path}: {key} is {a.shape} and poses {poses.shape}; expected (V, H, H, 3 or 4) "
                          f"square pictures and (V, 4, 4) poses")
-    a = torch.from_numpy(a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0))
-    rgb = a if a.shape[-1] == 4 else torch.cat([a, torch.ones_like(a[..., :1])], -1)  # RGBA
     near, far = float(z.get("near", 2.0)), float(z.get("far", 6.0))
-    return [posed_scene(rgb, torch.from_numpy(poses), float(z["focal"]), size, 1.5, near, far,
-                        os.path.splitext(os.path.basename(path))[0])]
+    return posed_scene(to_unit_rgba(a), torch.from_numpy(poses), float(z["focal"]), size, 1.5, near, far,
+                       os.path.splitext(os.path.basename(path))[0])
 
 
 def read_nerf_synthetic(folder, split, size, flag):
@@ -1459,9 +1463,11 @@ def read_nerf_synthetic(folder, split, size, flag):
         raise SystemExit(f"{flag} {meta_path}: expected camera_angle_x and frames with file_path and "
                          f"transform_matrix ({type(e).__name__}: {e})")
     pics = [read_rgba(f if os.path.splitext(f)[1] else f + ".png", flag) for f in files]
-    rgb = torch.stack([resize_views(p[None], size or p.shape[0])[0].float() / 255 for p, _ in pics])
+    if len({p.shape for p in pics}) > 1:
+        raise SystemExit(f"{flag} {folder}: its pictures differ in size; expected one size per scene")
+    rgb = torch.stack(pics)
     focal = 0.5 * rgb.shape[1] / math.tan(0.5 * angle)
-    return posed_scene(rgb, c2w, focal, None, 1.5, 2.0, 6.0, os.path.basename(os.path.normpath(folder)))
+    return posed_scene(rgb, c2w, focal, size, 1.5, 2.0, 6.0, os.path.basename(os.path.normpath(folder)))
 
 
 def read_srn(folder, size, flag):
@@ -1481,7 +1487,9 @@ def read_srn(folder, size, flag):
         raise SystemExit(f"{flag} {folder}: expected intrinsics.txt (f cx cy) and pose/<name>.txt with 16 numbers "
                          f"per picture ({type(e).__name__}: {e})")
     c2w[:, :3, 1:3] *= -1  # OpenCV (y down, looking down +z) -> OpenGL (y up, looking down -z)
-    pics = [read_rgba(os.path.join(folder, "rgb", n + ".png"), flag)[0] for n in names]
+    pics = [read_rgba(os.path.join(folder, "rgb", n + ".png"), flag) for n in names]
+    if len({p.shape for p in pics}) > 1:
+        raise SystemExit(f"{flag} {folder}/rgb: its pictures differ in size; expected one size per scene")
     rgb = torch.stack(pics)
     k = rgb.shape[1] / W0
     return posed_scene(rgb, c2w, f * k, size, 1.0, 0.8, 1.8, os.path.basename(os.path.normpath(folder)),
@@ -1513,12 +1521,13 @@ def read_posed_scenes(path, size, flag="--data"):
         return None
 
     if path.lower().endswith(".npz") and os.path.isfile(path):
-        pairs = [every_tenth(read_nerf_npz(path, size, flag)[0])]
+        pairs = [every_tenth(read_nerf_npz(path, size, flag))]
     elif not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: not a folder or an .npz file (expected posed pictures: NeRF-synthetic, "
                          f"SRN or an .npz with images_rgba, poses, focal)")
     else:
-        pairs = [one(path)] if one(path) is not None else [
+        here = one(path)  # the folder is a scene, or holds scene folders
+        pairs = [here] if here is not None else [
             p for p in (one(os.path.join(path, d)) for d in sorted(os.listdir(path))) if p is not None]
     if not pairs:
         raise SystemExit(f"{flag} {path}: no scene found (expected transforms_train.json or rgb/ + pose/ + "
@@ -1534,6 +1543,8 @@ def stack_scenes(scenes, flag, path):
     V_ = min(len(s["poses"]) for s in scenes)
     if V_ < 1:
         raise SystemExit(f"{flag} {path}: a scene has no views left to use")
+    if any(len(s["poses"]) > V_ for s in scenes):
+        print(f"{flag} {path}: scenes have {V_} to {max(len(s['poses']) for s in scenes)} views; using the first {V_} of each")
     return {"x": torch.arange(len(scenes)), "label": None, "names": [s["name"] for s in scenes],
             "images": torch.stack([s["images"][:V_] for s in scenes]), "poses": torch.stack([s["poses"][:V_] for s in scenes]),
             "intr": torch.stack([s["intr"][:V_] for s in scenes]),

@@ -375,34 +375,36 @@ NORMAL_EPS = 1.0 / 64
 def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)):
     """Camera-to-world matrix (4, 4) of a camera at `eye` looking at `target` (OpenGL).
 
-    eye, target, up: 3-vectors (tuples or tensors). Columns of the result: camera x (right),
-    camera y (up in the image), camera z (pointing backwards: the camera looks down -z) and
-    the eye position; last row (0, 0, 0, 1). If `up` is parallel to the viewing direction a
+    eye, target, up: 3-vectors (tuples or tensors), or tensors (..., 3) for many cameras at
+    once (they broadcast; the result is then (..., 4, 4)). Columns of the result: camera x
+    (right), camera y (up in the image), camera z (pointing backwards: the camera looks down -z)
+    and the eye position; last row (0, 0, 0, 1). If `up` is parallel to the viewing direction a
     different up vector is used (looking straight down or up).
     """
     device = eye.device if torch.is_tensor(eye) else None
-    eye = torch.as_tensor(eye, dtype=torch.float32, device=device)  # (3,)
-    target = torch.as_tensor(target, dtype=torch.float32, device=eye.device)  # (3,)
-    up = torch.as_tensor(up, dtype=torch.float32, device=eye.device)  # (3,)
+    eye = torch.as_tensor(eye, dtype=torch.float32, device=device)  # (..., 3)
+    target = torch.as_tensor(target, dtype=torch.float32, device=eye.device)
+    up = torch.as_tensor(up, dtype=torch.float32, device=eye.device)
+    eye, target, up = torch.broadcast_tensors(eye, target, up)
     # forward = (target - eye) / |target - eye|: where the camera looks (its -z axis).
     forward = target - eye
-    forward = forward / forward.norm()
-    # right = forward x up / |forward x up| (camera +x).
+    forward = forward / forward.norm(dim=-1, keepdim=True)
+    # right = forward x up / |forward x up| (camera +x); where up is parallel to forward, another
+    # up vector: -z, or +x if that is parallel too.
     right = torch.linalg.cross(forward, up)
-    if right.norm() < 1e-6:  # up is parallel to forward: pick any other up vector
-        alt = torch.tensor([0.0, 0.0, -1.0], device=eye.device)
-        if torch.linalg.cross(forward, alt).norm() < 1e-6:
-            alt = torch.tensor([1.0, 0.0, 0.0], device=eye.device)
-        right = torch.linalg.cross(forward, alt)
-    right = right / right.norm()
+    for alt in ((0.0, 0.0, -1.0), (1.0, 0.0, 0.0)):
+        other = torch.linalg.cross(forward, torch.tensor(alt, device=eye.device).expand_as(forward))
+        right = torch.where(right.norm(dim=-1, keepdim=True) < 1e-6, other, right)
+    right = right / right.norm(dim=-1, keepdim=True)
     # true_up = right x forward (camera +y), orthogonal to both by construction.
     true_up = torch.linalg.cross(right, forward)
-    c2w = torch.eye(4, device=eye.device)  # (4, 4)
-    c2w[:3, 0] = right
-    c2w[:3, 1] = true_up
+    c2w = torch.zeros(*eye.shape[:-1], 4, 4, device=eye.device)
+    c2w[..., :3, 0] = right
+    c2w[..., :3, 1] = true_up
     # The camera looks down -z, so its +z axis is -forward.
-    c2w[:3, 2] = -forward
-    c2w[:3, 3] = eye
+    c2w[..., :3, 2] = -forward
+    c2w[..., :3, 3] = eye
+    c2w[..., 3, 3] = 1.0
     return c2w
 
 

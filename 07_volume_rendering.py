@@ -93,11 +93,6 @@ def orbit_c2w(azimuth_deg, elevation_deg, radius, up=(0.0, 1.0, 0.0)):
     return G.look_at(eye, (0.0, 0.0, 0.0), up)
 
 
-def turntable(num_views, elevation_deg, radius, up=(0.0, 1.0, 0.0)):
-    """num_views cameras evenly spaced around the up axis: (T, 4, 4)."""
-    return torch.stack([orbit_c2w(360.0 * k / num_views, elevation_deg, radius, up) for k in range(num_views)])
-
-
 # Where to sample. The field exists only inside [-1, 1]^3 (outside it the density is zero), so
 # each ray is clipped to the cube (file 06's slab test) and, when a dataset gives its own near
 # and far planes, to those too. A ray that misses the cube keeps an empty interval: it sees
@@ -326,20 +321,6 @@ def scene_render(params, o, d, background=1.0):
     return torch.where(torch.isinf(t)[..., None], bg, shade(params, normal, k))
 
 
-def look_at_origin(eyes, up=(0.0, 1.0, 0.0)):
-    """Cameras at eyes (..., 3) looking at the origin: c2w (..., 4, 4), file 06's look_at for many at once."""
-    up = torch.as_tensor(up, dtype=eyes.dtype).expand_as(eyes)
-    forward = F.normalize(-eyes, dim=-1)
-    right = torch.linalg.cross(forward, up)
-    # a camera straight above or below: another up vector, the one file 06 picks
-    alt = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, -1.0]).expand_as(eyes))
-    right = F.normalize(torch.where(right.norm(dim=-1, keepdim=True) < 1e-6, alt, right), dim=-1)
-    c2w = torch.zeros(*eyes.shape[:-1], 4, 4)
-    c2w[..., :3, 0], c2w[..., :3, 1] = right, torch.linalg.cross(right, forward)
-    c2w[..., :3, 2], c2w[..., :3, 3], c2w[..., 3, 3] = -forward, eyes, 1.0
-    return c2w
-
-
 def random_cameras(shape, generator, radius=SCENE_RADIUS, fov=SCENE_FOV, size=64):
     """Cameras of the synthetic scenes anywhere on the sphere: c2w (*shape, 4, 4), intrinsics (*shape, 3)."""
     z = torch.rand(shape, generator=generator) * 2 - 1  # uniform on the sphere: z and the angle uniform
@@ -347,7 +328,7 @@ def random_cameras(shape, generator, radius=SCENE_RADIUS, fov=SCENE_FOV, size=64
     r = (1 - z * z).sqrt()
     eyes = radius * torch.stack([r * torch.cos(phi), z, r * torch.sin(phi)], -1)
     intr = torch.tensor([G.focal_from_fov(size, fov), size / 2, size / 2]).expand(*shape, 3)
-    return look_at_origin(eyes), intr
+    return G.look_at(eyes), intr  # (file 06's look_at takes many cameras at once)
 
 
 def scene_points(params, num_points, generator):
@@ -398,7 +379,7 @@ if __name__ == "__main__":
         opt.zero_grad()
         loss.backward()
         opt.step()
-    views = turntable(6, 25.0, SCENE_RADIUS)
+    views = torch.stack([orbit_c2w(60.0 * k, 25.0, SCENE_RADIUS) for k in range(6)])  # a turntable of 6
     intr = torch.tensor([G.focal_from_fov(size, SCENE_FOV), size / 2, size / 2]).expand(6, 3)
     with torch.no_grad():
         pred = vae.render([f.expand(6, -1, -1, -1, -1) for f in fields], views, intr, size, size, 64)

@@ -93,9 +93,9 @@ class Config:
 # The range of every numeric flag: (lowest, highest, what to say when it is outside).
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
 NUMBER_RANGES = {
-    **{k: _POS for k in ("resolution", "frames", "samples_per_ray", "batch_size", "grad_accum", "log_every", "ckpt_every", "z_ch",
-                         "enc_ch", "field_ch", "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch", "ldm_steps",
-                         "ldm_batch", "sample_steps")},
+    **{k: _POS for k in ("resolution", "frames", "samples_per_ray", "batch_size", "grad_accum", "log_every",
+                         "ckpt_every", "z_ch", "enc_ch", "field_ch", "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch",
+                         "ldm_steps", "ldm_batch", "sample_steps")},
     **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z", "view_size")},
     "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
     "ldm_attn": (0, math.inf, "level indices like 1 or 2,3"),

@@ -81,7 +81,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not os.path.exists(a.data):
         raise SystemExit(f"--data {a.data}: not found (the default is lego_100px_train.npz in ../shared/data)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tr, va = M.read_posed_scenes(a.data, 0)
     data, val = M.stack_scenes(tr[:1], "--data", a.data), M.stack_scenes(va[:1], "--data", a.data)
     results = [run_arm(arm, a, data, val) for arm in ("release", "single", "hdbf_cfc")]

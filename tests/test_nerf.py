@@ -300,3 +300,38 @@ def test_posed_pictures_train_and_reconstruct_from_a_stage_1_checkpoint(posed, t
     assert "1 scene(s), 10 views at 16x16: mean PSNR" in text and os.path.getsize(tmp_path / "rec.png") > 0
     with pytest.raises(SystemExit, match="auto-decoded"):
         sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--reconstruct", "synthetic"])
+
+
+def test_look_at_takes_many_cameras_at_once():
+    # file 06's look_at on a batch of eyes equals it camera by camera, straight above included
+    eyes = torch.tensor([[1.0, 2.0, 3.0], [0.0, 3.0, 0.0], [-2.0, -0.5, 1.0]])
+    many = G.look_at(eyes)
+    for e, m in zip(eyes, many):
+        torch.testing.assert_close(m, G.look_at(e))
+    assert many.shape == (3, 4, 4)
+
+
+def test_rays_with_alpha_carry_their_random_background_and_targets_use_it(posed, tmp_path):
+    # half of each picture transparent: there, the target is the ray's own background colour
+    imgs = posed["imgs"].numpy()
+    rgba = np.concatenate([imgs, np.full((10, 16, 16, 1), 255, np.uint8)], -1)
+    rgba[:, :, :8, 3] = 0
+    world = posed["c2w"].clone()
+    world[:, :3, 3] *= 1.5
+    p = str(tmp_path / "half.npz")
+    np.savez(p, images_rgba=rgba, poses=world.numpy(), focal=G.focal_from_fov(16, R.SCENE_FOV))
+    tr, _ = M.read_posed_scenes(p, 0)
+    data = M.stack_scenes(tr, "--data", p)
+    assert bool(data["alpha"])
+    NERF.configure({"samples_per_ray": 4, "view_size": 16})
+    _, rays, target = NERF.training_batch(data, torch.zeros(1, dtype=torch.long), 4000, torch.Generator().manual_seed(0),
+                                          "cpu")
+    bg = rays[..., 8:11]
+    assert bg.std() > 0.3  # random colours, not white
+    # which rays went through a transparent pixel: those whose target is their background exactly
+    on_bg = (target - bg).abs().amax(-1) < 1e-6
+    assert 0.4 < on_bg.float().mean() < 0.6
+    # and an empty field renders exactly those targets: nothing but each ray's own background
+    assert rays.shape[-1] == 11 + 4
+    empty, _ = R.composite(torch.zeros(1, 4000, 4), torch.zeros(1, 4000, 4, 3), rays[..., 7] - rays[..., 6], bg)
+    torch.testing.assert_close(empty[on_bg], target[on_bg])
