@@ -266,6 +266,10 @@ class ImageModality:
         decoder, readout = H.build_decoder_readout(cfg["variant"], cfg["z_ch"], cfg["field_ch"], 3, cfg["enc_ch"],
                                                    tuple(cfg["enc_mult"]), cfg["mlp_hidden"], cfg["mlp_layers"])
         encoder = V.ConvEncoder(3, cfg["z_ch"], cfg["enc_ch"], tuple(cfg["enc_mult"]))
+        if cfg.get("decoder", "ddmi") != "ddmi":  # file 08: the same encoder, a decoder that generates SIREN weights
+            W = importlib.import_module("08_weight_generation")
+            return W.build_vae(cfg["decoder"], encoder, self.latent_shape(cfg), 3, cfg["mlp_hidden"], cfg["mlp_layers"],
+                               cfg.get("bases") or 16)
         return V.D2CVAE(encoder, decoder, readout, inr.bilinear_lookup)
 
     def latent_shape(self, cfg):

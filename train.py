@@ -5,6 +5,7 @@
     python train.py --modality image --stage vae --out runs/faces --data ./faces
     python train.py --modality image --stage ldm --out runs/faces       # stage 2 on that VAE
     python train.py --out runs/faces --resume                            # continue where it stopped
+    python train.py --decoder hyper --from runs/faces --out runs/faces_hyper  # a new decoder on its frozen latents
     torchrun --standalone --nproc_per_node=4 train.py --data ./celebahq --preset paper   # 4 GPUs
 
 Everything a run produces goes to its folder (--out): ckpt.pt, losses.png, recon.png,
@@ -65,6 +66,8 @@ class Config:
     log_every: int = 50  # steps between progress lines
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     # -- stage 1: the D2C-VAE (files 02, 03) ----------------------------------------------
+    decoder: str = "ddmi"  # ddmi (positional embeddings, files 02-03), mnif or hyper (SIREN weights, file 08; images)
+    from_run: str = ""  # a trained run: keep its encoder and diffusion model frozen, train only a new --decoder
     variant: str = "hdbf_cfc"  # decoder/read-out: single, hdbf_concat or hdbf_cfc (file 03)
     coords_per_item: int = -1  # K query coordinates per item and step; 0: all; -1: the preset's
     z_ch: int = 0  # latent channels Z
@@ -72,7 +75,8 @@ class Config:
     enc_mult: tuple = ()  # channel multiplier per level; len - 1 = number of 2x downsamplings
     field_ch: int = 0  # channels of each basis field
     mlp_hidden: int = 0  # width of the read-out MLP
-    mlp_layers: int = 0  # linear layers of the read-out MLP
+    mlp_layers: int = 0  # linear layers of the read-out MLP (mnif, hyper: of the generated SIREN, as wide)
+    bases: int = 16  # mnif: basis SIRENs K (file 08)
     lambda_z: float = -1.0  # KL weight, reached after 90% of stage 1; -1: the preset's
     vae_steps: int = 0  # (preset) default stage-1 steps
     vae_lr: float = 0.0  # Adam learning rate, stage 1
@@ -94,7 +98,7 @@ class Config:
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
 NUMBER_RANGES = {
     **{k: _POS for k in ("resolution", "frames", "samples_per_ray", "batch_size", "grad_accum", "log_every",
-                         "ckpt_every", "z_ch", "enc_ch", "field_ch", "mlp_hidden", "mlp_layers", "vae_steps", "ldm_ch",
+                         "ckpt_every", "z_ch", "enc_ch", "field_ch", "mlp_hidden", "mlp_layers", "bases", "vae_steps", "ldm_ch",
                          "ldm_steps", "ldm_batch", "sample_steps")},
     **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z", "view_size")},
     "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
@@ -107,6 +111,13 @@ NUMBER_RANGES = {
 # Flags that may differ from the saved config when a run is continued.
 RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every",
                 "sampler", "sample_steps", "grad_accum", "compile"}
+
+
+# What a --from run takes from its source run: whatever shapes the encoder, the latents and
+# the diffusion model (and the data split), so that only the decoder differs.
+FROM_FROZEN = {"modality", "data", "preset", "seed", "resolution", "frames", "view_size", "samples_per_ray",
+               "val_fraction", "z_ch", "enc_ch", "enc_mult", "ldm_ch", "ldm_mult", "ldm_attn", "ldm_steps", "ldm_batch",
+               "ldm_lr", "prediction", "ema_decay", "p_uncond"}
 
 
 def int_list(text):
@@ -132,8 +143,9 @@ def parse_config(argv):
             p.add_argument(flag, action="store_true", help=text)
         elif f.type is tuple:
             p.add_argument(flag, type=int_list, metavar="A,B,..", help=text)
-        else:
-            p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), help=text)
+        else:  # (--from-run is also --from)
+            names = (flag, "--from") if f.name == "from_run" else (flag,)
+            p.add_argument(*names, dest=f.name, type=f.type, metavar=f.type.__name__.upper(), help=text)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
     cfg = dataclasses.asdict(Config())
     modality = given.get("modality", cfg["modality"])
@@ -153,6 +165,10 @@ def parse_config(argv):
         if not values or not all(math.isfinite(v) and low <= v <= high for v in values):
             shown = ",".join(str(v) for v in values) if isinstance(value, tuple) else value
             raise SystemExit(f"--{name.replace('_', '-')} {shown}: expected {what}")
+    if cfg["decoder"] not in ("ddmi", "mnif", "hyper"):
+        raise SystemExit(f"--decoder {cfg['decoder']}: expected ddmi, mnif or hyper")
+    if cfg["decoder"] != "ddmi" and modality != "image":
+        raise SystemExit(f"--decoder {cfg['decoder']}: weight-generating decoders (file 08) are built for images only")
     if cfg["variant"] not in H.VARIANTS:
         raise SystemExit(f"--variant {cfg['variant']}: expected one of {', '.join(H.VARIANTS)}")
     if cfg["sampler"] not in ("ddim", "ddpm"):
@@ -198,6 +214,27 @@ def load_checkpoint(path, modality=None, preset=None):
     if preset is not None and cfg["preset"] != preset:
         raise SystemExit(f"{path}: checkpoint of preset {cfg['preset']!r}, but --preset {preset} was given")
     return ck
+
+
+def from_source(cfg, given):
+    """--from RUN: (this run's config, RUN's checkpoint). The config is RUN's, with the flags given now
+    (the decoder and stage-1 training); the flags of FROM_FROZEN must stay RUN's."""
+    src = load_checkpoint(os.path.join(cfg["from_run"], "ckpt.pt"))
+    if not src["stage1"].get("done") or "vae" not in src["stage1"]:
+        raise SystemExit(f"--from {cfg['from_run']}: its stage 1 is not finished; continue it with --resume first")
+    if os.path.abspath(cfg["from_run"]) == os.path.abspath(cfg["out"]):
+        raise SystemExit(f"--out {cfg['out']}: that is the --from run itself; give the new decoder its own --out")
+    saved = src["config"]
+    clash = [k for k in given if k in FROM_FROZEN and given[k] != saved.get(k)]
+    if clash:
+        raise SystemExit(f"--{clash[0].replace('_', '-')}: a --from run keeps its source's ({saved.get(clash[0])!r}): "
+                         f"the encoder, latents and diffusion model are {cfg['from_run']}'s")
+    own = set(given) | {"out", "device", "stage", "resume", "overwrite", "from_run"}
+    cfg = {**cfg, **saved, **{k: cfg[k] for k in own}}
+    if cfg["decoder"] != "ddmi" and cfg["modality"] != "image":
+        raise SystemExit(f"--decoder {cfg['decoder']}: weight-generating decoders (file 08) are built for images "
+                         f"only; {cfg['from_run']} is a {cfg['modality']} run")
+    return cfg, src
 
 
 def rng_state():
@@ -708,7 +745,9 @@ def train_run(cfg, given):
     run = cfg["out"]
     ckpt_path = os.path.join(run, "ckpt.pt")
     exists = os.path.exists(ckpt_path)
-    state = None
+    state = source = None
+    if cfg["from_run"] and not cfg["resume"]:
+        cfg, source = from_source(cfg, given)
     if cfg["resume"] or (cfg["stage"] == "ldm" and exists and not cfg["overwrite"]):
         if not exists:
             raise SystemExit(f"--out {run}: no ckpt.pt to continue from (train stage 1 there first)")
@@ -766,7 +805,9 @@ def train_run(cfg, given):
           f"({cfg['data'] or 'built-in synthetic'}, {size}x{size}, {time.time() - t_load:.0f} s)")
 
     vae = mod.build_vae(cfg).to(device)
-    vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg["vae_lr"])
+    if cfg.get("from_run"):  # hyper-transforming: the source's encoder stays as it is, only the decoder learns
+        vae.encoder.requires_grad_(False)
+    vae_opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=cfg["vae_lr"])
     ldm = build_ldm(cfg, mod, num_classes).to(device)
     if device.type == "cuda":  # convolutions run faster on NHWC tensors with tensor cores
         ldm = ldm.to(memory_format=torch.channels_last)
@@ -785,10 +826,20 @@ def train_run(cfg, given):
             ema.num_updates = state["stage2"]["step"]
             ldm_opt.load_state_dict(state["stage2"]["opt"])
         set_rng_state(state["rng"])
+    if source is not None:  # --from: the source's encoder, and its diffusion model when it has one
+        vae.encoder.load_state_dict({k[len("encoder."):]: v for k, v in source["stage1"]["vae"].items()
+                                     if k.startswith("encoder.")})
+        if source["stage2"].get("done"):
+            state["stage2"] = source["stage2"]
+            ldm.load_state_dict(state["stage2"]["ldm"])
+            ema.load_state_dict(state["stage2"]["ema"])
+        print(f"from {cfg['from_run']}: its encoder (frozen)" + (" and diffusion model" if source["stage2"].get("done")
+                                                                 else "; no diffusion model there yet"))
     state["config"] = cfg
     n1 = sum(p.numel() for p in vae.parameters())
     n2 = sum(p.numel() for p in ldm.parameters())
-    print(f"model: D2C-VAE ({cfg['variant']}) {n1 / 1e6:.2f}M parameters, UNet {n2 / 1e6:.2f}M; latent "
+    kind = cfg["variant"] if cfg.get("decoder", "ddmi") == "ddmi" else cfg["decoder"]
+    print(f"model: D2C-VAE ({kind}) {n1 / 1e6:.2f}M parameters, UNet {n2 / 1e6:.2f}M; latent "
           f"{mod.latent_shape(cfg)}; device {device}" + (f", {DIST['world']} processes" if DIST["world"] > 1 else ""))
 
     def ckpt():
