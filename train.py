@@ -714,7 +714,8 @@ def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0
                              y=y, generator=g)
         rows.append(mod.preview(vae, vae.decode(mod.unstack_planes(z / scale)), cfg).cpu())
         names.append(f"class {label}" if label is not None else "")
-    mod.write_sheet(rows, path, names, f"DDMI samples ({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights)")
+    decoder = {"ddmi": "DDMI", "mnif": "mNIF", "hyper": "hyper-transformer"}[cfg.get("decoder", "ddmi")]
+    mod.write_sheet(rows, path, names, f"{decoder} samples ({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights)")
 
 
 # ----------------------------------------------------------------------------------------
