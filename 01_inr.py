@@ -30,7 +30,8 @@ bilinearly, and the three features are summed or concatenated.
 
 This file builds every piece from scratch: coordinate grids, Fourier features, the
 coordinate MLP, the bilinear lookup (the model's actual lookup, pinned by a test to
-F.grid_sample), and the tri-plane lookup. The demo fits one image three ways with the
+F.grid_sample), the tri-plane lookup, and a signal known exactly at every coordinate (the
+synthetic images, the project's test data). The demo fits one image three ways with the
 same budget and prints the three PSNRs: raw coordinates < Fourier features < learned plane.
 
 Conventions (used in every file of this project)
@@ -168,8 +169,7 @@ def bilinear_lookup(plane, coords):
     rows = torch.stack([y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1], dim=-1) + first_row  # (B, N, 4)
     # 6. p = sum_k w_k table[rows_k]: a weighted sum of 4 rows per query. F.embedding_bag with
     #    per-sample weights computes exactly that in one pass, without ever holding the four
-    #    neighbours of a million queries in memory (gathering them first made this lookup 4x
-    #    slower than F.grid_sample on a CPU; this way it runs as fast: bench/speed.py, row 1).
+    #    neighbours of every query in memory at once (what makes a plain gather slow).
     #    (One dtype for both: under bf16 autocast the plane is bf16; the sum is done in float32.)
     dtype = torch.promote_types(table.dtype, w.dtype)
     p = F.embedding_bag(rows.reshape(-1, 4), table.to(dtype), per_sample_weights=w.reshape(-1, 4).to(dtype),
@@ -207,6 +207,73 @@ def triplane_lookup(planes, coords, combine="sum"):
 
 
 # ----------------------------------------------------------------------------------------
+# A signal known exactly at every coordinate: the synthetic images
+# ----------------------------------------------------------------------------------------
+# Because an INR is a function, the fairest test data is a function too. Each synthetic
+# image is a formula of (x, y): a background with a linear colour ramp and a few overlapping
+# primitives (discs, rotated squares or rings, its class label) with slightly soft edges.
+# It can be rendered on the pixel grid of any size, so a model trained at 32x32 can be
+# measured at 128x128 against the exact answer. It is the project's built-in image dataset
+# (file 05), the test data, and, given a velocity per primitive, the built-in videos (file 06).
+SYNTHETIC_CLASSES = ("discs", "squares", "rings")
+EDGE = 0.015  # softness of the primitives' edges, in coordinate units (a 32 px pixel is 0.0625)
+
+
+def synthetic_params(n, seed=0, num_shapes=4):
+    """Random parameters of n synthetic images (a dict of tensors), reproducible from seed."""
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *shape: torch.rand(*shape, generator=g)  # uniform in [0, 1)
+    return {
+        "label": torch.randint(len(SYNTHETIC_CLASSES), (n,), generator=g),  # (n,) which primitive
+        "bg": u(n, 2, 3) * 2 - 1,  # (n, 2, 3) background colours at the two ends of the ramp
+        "bg_dir": u(n) * 2 * torch.pi,  # (n,) direction of the ramp
+        "centre": u(n, num_shapes, 2) * 1.3 - 0.65,  # (n, S, 2)
+        "size": u(n, num_shapes) * 0.3 + 0.15,  # (n, S) radius / half-side
+        "angle": u(n, num_shapes) * torch.pi / 2,  # (n, S) rotation of squares
+        "colour": u(n, num_shapes, 3) * 2 - 1,  # (n, S, 3)
+    }
+
+
+def synthetic_render(params, coords):
+    """Exact colours of the synthetic images at coordinates: (n, N, 2) -> (n, N, 3) in [-1, 1].
+
+    Coordinates (x, y, t) (n, N, 3) render videos: each primitive then sits at
+    centre + velocity * t (params["velocity"], file 06); the background stays.
+    """
+    label = params["label"][:, None]  # (n, 1)
+    xy = coords[..., :2]  # (n, N, 2)
+    # Background: colour ramp bg0 -> bg1 along direction d, t = (<c, d> + 1) / 2 clipped to [0, 1].
+    d = torch.stack([torch.cos(params["bg_dir"]), torch.sin(params["bg_dir"])], -1)  # (n, 2)
+    t = (((xy * d[:, None]).sum(-1) + 1) / 2).clamp(0, 1)[..., None]  # (n, N, 1)
+    img = params["bg"][:, None, 0] * (1 - t) + params["bg"][:, None, 1] * t  # (n, N, 3)
+    # Primitives painted back to front; each one is a signed distance function (< 0 inside).
+    for s in range(params["centre"].shape[1]):
+        rel = xy - params["centre"][:, None, s]  # (n, N, 2) position relative to the centre
+        if coords.shape[-1] == 3:  # a video: the centre moves, centre(t) = centre + velocity t
+            rel = rel - params["velocity"][:, None, s] * coords[..., 2:]
+        r = params["size"][:, None, s]  # (n, 1)
+        dist = rel.norm(dim=-1)  # (n, N)
+        # rotate into the square's frame: (u, v) = R(-angle) rel
+        ca, sa = torch.cos(params["angle"][:, None, s]), torch.sin(params["angle"][:, None, s])
+        u_, v_ = ca * rel[..., 0] + sa * rel[..., 1], -sa * rel[..., 0] + ca * rel[..., 1]
+        sdf_disc = dist - r
+        sdf_square = torch.maximum(u_.abs(), v_.abs()) - 0.85 * r
+        sdf_ring = (dist - r).abs() - 0.3 * r
+        sdf = torch.where(label == 0, sdf_disc, torch.where(label == 1, sdf_square, sdf_ring))
+        # coverage alpha = sigmoid(-sdf / EDGE): 1 inside, 0 outside, a soft edge between
+        alpha = torch.sigmoid(-sdf / EDGE)[..., None]  # (n, N, 1)
+        img = img * (1 - alpha) + params["colour"][:, None, s] * alpha
+    return img
+
+
+def synthetic_images(params, height, width):
+    """Render synthetic images on the pixel-centre grid of any size: (n, 3, H, W)."""
+    n = params["label"].shape[0]
+    c = coord_grid(height, width).reshape(1, -1, 2).expand(n, -1, -1)  # (n, HW, 2)
+    return synthetic_render(params, c).reshape(n, height, width, 3).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------
 # Peak signal-to-noise ratio, the number every demo prints
 # ----------------------------------------------------------------------------------------
 def psnr(pred, target):
@@ -223,7 +290,6 @@ def psnr(pred, target):
 # Demo: one image, three embeddings, same budget
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import importlib
     import os
     import time
 
@@ -234,12 +300,10 @@ if __name__ == "__main__":
 
     torch.manual_seed(0)
     t_start = time.time()
-    # The test picture comes from the project's synthetic image generator (file 05): an
-    # analytic function, so we could ask for it at any resolution.
-    M = importlib.import_module("05_modalities")
     R = 64
-    # 32 overlapping primitives: enough detail that a plain MLP cannot memorise it easily.
-    image = M.synthetic_images(M.synthetic_params(1, seed=3, num_shapes=32), R, R)  # (1, 3, R, R) in [-1, 1]
+    # The test picture is a synthetic image (above) with 32 overlapping primitives: enough
+    # detail that a plain MLP cannot memorise it easily.
+    image = synthetic_images(synthetic_params(1, seed=3, num_shapes=32), R, R)  # (1, 3, R, R) in [-1, 1]
     target = image[0].permute(1, 2, 0).reshape(-1, 3)  # (R*R, 3) colours
     c = coord_grid(R, R).reshape(-1, 2)  # (R*R, 2) coordinates, same order as target
 

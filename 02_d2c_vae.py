@@ -245,26 +245,40 @@ def elbo_loss(vae, x, coords, target, lambda_z, num_values, recon_fn=l1_recon, e
     return {"loss": recon + lambda_z * kl, "recon": recon, "kl": kl}
 
 
-def random_pixels(images, K, generator=None):
-    """K random pixel centres per image and their colours: coords (B, K, 2), target (B, K, C).
+def random_samples(signal, grid, K, generator=None):
+    """K random grid points per item and the signal's values there: coords (B, K, D), target (B, K, C).
 
-    Sampling pixel centres (not arbitrary points) makes the targets exact pixel values.
+    signal (B, C, *S) holds its values on a regular grid of spatial shape S (pixels, frames of
+    voxels); grid (prod S, D) is the coordinate of each value, in the same (flattened) order.
+    Sampling grid points (not arbitrary points) makes the targets exact data values.
     """
-    B, C, H, W = images.shape
-    idx = torch.randint(H * W, (B, K), generator=generator).to(images.device)  # (B, K) flat index
-    grid = inr.coord_grid(H, W, images.device).reshape(H * W, 2)  # (HW, 2)
-    coords = grid[idx]  # (B, K, 2)
-    target = images.flatten(2).gather(2, idx[:, None].expand(B, C, K)).transpose(1, 2)  # (B, K, C)
+    B, C = signal.shape[:2]
+    idx = torch.randint(len(grid), (B, K), generator=generator).to(signal.device)  # (B, K) flat index
+    coords = grid.to(signal.device)[idx]  # (B, K, D)
+    target = signal.flatten(2).gather(2, idx[:, None].expand(B, C, K)).transpose(1, 2)  # (B, K, C)
     return coords, target
+
+
+def random_pixels(images, K, generator=None):
+    """K random pixel centres per image and their colours: coords (B, K, 2), target (B, K, C)."""
+    B, C, H, W = images.shape
+    return random_samples(images, inr.coord_grid(H, W, images.device).reshape(H * W, 2), K, generator)
+
+
+def query_chunked(vae, fields, coords, chunk=65536):
+    """omega at many coordinates, `chunk` of them at a time: coords (B, N, D) -> (B, N, out).
+
+    A 1024x1024 picture or a 128^3 grid is a million queries per item; in chunks, the
+    read-out's activations of only one chunk exist at a time.
+    """
+    return torch.cat([vae.query(fields, coords[:, i:i + chunk]) for i in range(0, coords.shape[1], chunk)], 1)
 
 
 def render(vae, fields, height, width, chunk=65536):
     """Evaluate the INR on the pixel-centre grid of any size: (B, out, H, W)."""
     B = fields[0].shape[0]
-    c = inr.coord_grid(height, width, fields[0].device).reshape(1, -1, 2).expand(B, -1, -1)
-    # Query in chunks so that a 1024x1024 render does not hold all activations at once.
-    out = torch.cat([vae.query(fields, c[:, i:i + chunk]) for i in range(0, c.shape[1], chunk)], 1)
-    return out.reshape(B, height, width, -1).permute(0, 3, 1, 2)
+    c = inr.coord_grid(height, width, fields[0].device).reshape(1, -1, 2).expand(B, -1, -1)  # (B, HW, 2)
+    return query_chunked(vae, fields, c, chunk).reshape(B, height, width, -1).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,10 +294,9 @@ if __name__ == "__main__":
     import matplotlib.pyplot as plt
 
     torch.manual_seed(0)
-    M = importlib.import_module("05_modalities")
     R, K, Z, steps = 32, 256, 4, 400
-    train = M.synthetic_images(M.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R)
-    val = M.synthetic_images(M.synthetic_params(64, seed=1), R, R)  # unseen images
+    train = inr.synthetic_images(inr.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R), file 01
+    val = inr.synthetic_images(inr.synthetic_params(64, seed=1), R, R)  # unseen images
     vae = D2CVAE(ConvEncoder(3, Z), BasisFieldDecoder(Z, field_ch=16), ConcatReadout([16], 64, 3))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     t0 = time.time()

@@ -144,6 +144,7 @@ def build_decoder_readout(variant, z_ch, field_ch, out_ch, ch=32, ch_mult=(1, 2,
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
     import os
+    import sys
     import time
 
     import matplotlib
@@ -151,23 +152,15 @@ if __name__ == "__main__":
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    M = importlib.import_module("05_modalities")
     R, K, Z, steps = 32, 256, 4, 300
-    # Two seeds per variant: at this budget one seed can mislead. The single fine field
-    # sometimes sits on a plateau (about 16.5 dB: a blurred average) for hundreds of steps,
-    # while the coarse taps of HDBF give the read-out an easy signal from the first step.
-    # Measured over seeds 0-3 (300 steps): single 16.6 / 22.1 / 16.6 / 21.7 dB,
-    # hdbf_concat 22.8 / 22.0 / 20.9 / 22.9, hdbf_cfc 22.5 / 22.9 / 22.4 / 22.9 (with file 01's
-    # earlier lookup, equal up to float rounding; rounding alone moves one 300-step run by up to
-    # 0.6 dB: seed 0 of hdbf_cfc now gives 21.9). Differences under ~0.5 dB here are noise.
-    # The plateau comes from the posterior noise at initialisation (sigma = 1 around a mean
-    # near 0, so z carries little of x): starting log sigma^2 at -6 lets `single` escape on
-    # all four seeds (21.4-21.6 dB), but costs hdbf_cfc 0.4 dB on average at this budget,
-    # so the encoder keeps the usual initialisation.
-    seeds = (0, 1)
-    train = M.synthetic_images(M.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R)
-    val = M.synthetic_images(M.synthetic_params(64, seed=1), R, R)  # unseen images
-    gt64 = M.synthetic_images(M.synthetic_params(64, seed=1), 2 * R, 2 * R)  # the same, exact at 64x64
+    # `python 03_hdbf_cfc.py 0,1,2,3` averages over several seeds. At this budget one seed can
+    # mislead: the single fine field sometimes sits on a plateau (a blurred average) for
+    # hundreds of steps, while the coarse taps of HDBF give the read-out an easy signal from
+    # the first step (docs/results.md has the table over seeds).
+    seeds = tuple(int(v) for v in sys.argv[1].split(",")) if len(sys.argv) > 1 else (0,)
+    train = inr.synthetic_images(inr.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R), file 01
+    val = inr.synthetic_images(inr.synthetic_params(64, seed=1), R, R)  # unseen images
+    gt64 = inr.synthetic_images(inr.synthetic_params(64, seed=1), 2 * R, 2 * R)  # the same, exact at 64x64
     rows = [val[:6]]
     for variant in VARIANTS:
         psnrs, psnrs64, t0 = [], [], time.time()

@@ -5,8 +5,8 @@ Concept (DDMI Sec. 3.3, "latent diffusion"; Ho et al. 2020; Song et al. 2021; Ho
 Once the VAE of files 02-03 is trained and frozen, every training example x has a latent z_0 ~ q(z|x).
 DDMI then fits a plain DDPM to those latents; sampling a latent and decoding it gives a new INR.
 This file knows nothing about images or VAEs: it diffuses any tensor of shape (B, C, H, W).
-Tri-plane latents (shapes, videos, NeRF; file 05) are stacked on the channel axis before they get
-here, e.g. 3 planes x 64 ch x 16x16 -> (B, 192, 16, 16), and unstacked after sampling.
+Tri-plane latents (videos, shapes, NeRF) are stacked on the channel axis before they get here,
+e.g. 3 planes x 64 ch x 16x16 -> (B, 192, 16, 16), and unstacked after sampling (file 05).
 
 Forward process. A fixed schedule beta_0..beta_{T-1} adds a little Gaussian noise per step:
     q(z_t | z_{t-1}) = N(sqrt(1 - beta_t) z_{t-1}, beta_t I)
@@ -39,9 +39,8 @@ and b_t = sqrt(1 - alpha_bar_t), the network predicts v = a_t eps - b_t z_0 inst
     eps_hat = a_t v_hat + b_t z_t,        z0_hat = a_t z_t - b_t v_hat.
 Why it matters: at large t, a_t is about 0.012 here, and z0_hat from an eps-predictor divides the
 network's error by a_t (an eps error of 0.1 is a z_0 error of 8); from a v-predictor it does not.
-With eps, the first sampling steps push z away from the data and, on the 24-channel tri-plane
-latents of shapes and videos at our small budgets, it never comes back (samples at 4x the data's
-standard deviation; README, "Videos"). Samplers are unchanged: they only ever see eps_hat.
+A briefly trained eps-predictor's first sampling steps can push z away from the data for good
+(docs/results.md measures it on tri-plane latents). Samplers only ever see eps_hat.
 
 Network: an ADM-style UNet (Dhariwal & Nichol 2021): residual blocks with GroupNorm + SiLU, the
 time (+ class) embedding injected as a scale and shift of the second norm, multi-head self-attention
@@ -50,9 +49,9 @@ at low resolutions, skip connections, and a zero-initialised output conv.
 Shape letters: B batch, C latent channels, H W latent height and width, T diffusion steps,
 D embedding width (4 * ch), S sampling steps, K number of classes.
 
-Left out on purpose: x0-prediction and learned variances (DDMI uses eps and fixed variances); the text encoder for text-to-shape (the original release does not run it); mixed
-precision (the drivers own it);
-fp16 attention tricks and upsampling by transposed convs (nearest + conv is what ADM uses).
+Left out on purpose: x0-prediction and learned variances (DDMI uses eps and fixed variances); the
+text encoder of text-to-shape (the original release does not run it); mixed precision (the drivers
+own it); upsampling by transposed convs (nearest + conv is what ADM uses).
 """
 import copy
 import math
@@ -168,26 +167,15 @@ class AttnBlock(nn.Module):
         return x + self.proj(o)
 
 
-class Downsample(nn.Module):
-    """Stride-2 conv: halves H and W."""
+class Resample(nn.Module):
+    """Halves H and W with a stride-2 conv, or doubles them: nearest-neighbour x2, then a conv."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, up):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x, emb=None):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a conv: doubles H and W."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x, emb=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class UNet(nn.Module):
@@ -216,7 +204,7 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList(blocks))
                 widths.append(cur)
             if level != len(ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur)]))
+                self.down.append(nn.ModuleList([Resample(cur, up=False)]))
                 widths.append(cur)
         # Middle: ResBlock, attention, ResBlock at the lowest resolution.
         self.mid = nn.ModuleList([res(cur, cur), AttnBlock(cur, num_heads), res(cur, cur)])
@@ -229,7 +217,7 @@ class UNet(nn.Module):
                 if level in attn_levels:
                     blocks.append(AttnBlock(cur, num_heads))
                 if level != 0 and i == num_res_blocks:
-                    blocks.append(Upsample(cur))
+                    blocks.append(Resample(cur, up=True))
                 self.up.append(nn.ModuleList(blocks))
         assert not widths, "every skip tensor is consumed exactly once"
         self.norm_out, self.conv_out = _norm(cur), nn.Conv2d(cur, in_ch, 3, padding=1)
@@ -337,10 +325,9 @@ class LatentDiffusion(nn.Module):
     def sample(self, shape, steps=50, sampler="ddim", eta=0.0, y=None, guidance=1.0, generator=None):
         """Draw latents of `shape` (B, C, H, W) by DDPM or DDIM; returns z_0 in the scaled latent space."""
         assert sampler in ("ddpm", "ddim"), f"unknown sampler {sampler!r}"
-        param = next(self.unet.parameters(), None)
-        # the latents live where the network lives, in its dtype
-        device = param.device if param is not None else self.schedule.betas.device
-        dtype = param.dtype if param is not None else torch.float32
+        # the latents live where the network lives, in its dtype (float32 for a network without parameters)
+        param = next(self.unet.parameters(), self.schedule.alpha_bar.float())
+        device, dtype = param.device, param.dtype
         # noise is drawn on the CPU (optionally from `generator`) then moved, so devices agree
         noise = lambda: torch.randn(shape, generator=generator, dtype=dtype).to(device)
         y = y.to(device) if y is not None else None
@@ -354,7 +341,6 @@ class LatentDiffusion(nn.Module):
             ab_s = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else 1.0
             t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
             eps = self.eps(z, t_batch, y, guidance)  # (B, C, H, W)
-            last = i + 1 == len(ts)
             if sampler == "ddpm":
                 # respaced beta_ts = 1 - alpha_bar_t / alpha_bar_s (= beta_t when s = t - 1)
                 beta_ts = 1.0 - ab_t / ab_s
@@ -369,8 +355,8 @@ class LatentDiffusion(nn.Module):
                 sigma = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
                 # eq. 12: z_s = sqrt(alpha_bar_s) z0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps (+ sigma n below)
                 z = math.sqrt(ab_s) * z0_hat + math.sqrt(max(1.0 - ab_s - sigma**2, 0.0)) * eps
-            if sigma > 0 and not last:
-                # fresh noise n ~ N(0, I) (never at the last step, where sigma = 0 anyway)
+            if sigma > 0:
+                # fresh noise n ~ N(0, I) (sigma = 0 at the last step, where alpha_bar_s = 1)
                 z = z + sigma * noise()
         return z
 
@@ -382,10 +368,9 @@ class EMA:
     """A frozen copy of a model whose weights track theta_ema <- d theta_ema + (1 - d) theta.
 
     warmup=True uses d_n = min(decay, (1 + n) / (10 + n)) at the n-th update, so that in a
-    short run the average forgets the first (zero-initialised, far from trained) weights
-    soon enough. Without it an EMA of 0.999 after 2,500 steps still leans on early weights
-    whose noise predictions at large t are a few percent too small, and sampling, which
-    divides by sqrt(alpha_bar_t) ~ 0.006 at the first step, blows that up.
+    short run the average forgets the first (zero-initialised, far from trained) weights soon
+    enough: their noise predictions at large t are too small, and sampling divides them by
+    sqrt(alpha_bar_t) ~ 0.006 at the first step.
     """
 
     def __init__(self, model, decay=0.9999, warmup=False):
@@ -461,13 +446,11 @@ def _stripe_residual(z, y):
 
 
 if __name__ == "__main__":
-    import os
     import time
 
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import figures
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -493,45 +476,25 @@ if __name__ == "__main__":
         opt.step()
         sched.step()
         ema.update(model)
-        if step % 250 == 0 or step == steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}")
     train_s = time.time() - start
+    print(f"{steps} steps in {train_s:.0f} s, last loss {loss.item():.4f}")
 
-    n = 150
-    y_req = torch.arange(n) % K  # requested labels, balanced, (n,)
-    results = {}
-    for w in (1.0, 3.0):
-        z = ema.model.sample((n, 1, 8, 8), steps=50, sampler="ddim", y=y_req, guidance=w,
-                             generator=torch.Generator().manual_seed(1)) / scale
-        acc = (_classify(z) == y_req).float().mean().item()
-        results[w] = z
-        print(f"DDIM 50 steps, w={w:.0f}: class match {acc:.3f}, stripe-fit residual RMS {_stripe_residual(z, y_req):.3f}")
-    # the stochastic sampler forgives more of a briefly trained network's error than the deterministic one
-    z_ddpm = ema.model.sample((n, 1, 8, 8), steps=50, sampler="ddpm", y=y_req,
-                              generator=torch.Generator().manual_seed(1)) / scale
-    print(f"DDPM 50 steps, w=1: class match {(_classify(z_ddpm) == y_req).float().mean().item():.3f}, "
-          f"stripe-fit residual RMS {_stripe_residual(z_ddpm, y_req):.3f}")
+    n, y_req = 150, torch.arange(150) % K  # requested labels, balanced, (n,)
+    draw = lambda sampler, w: ema.model.sample((n, 1, 8, 8), steps=50, sampler=sampler, y=y_req, guidance=w,
+                                               generator=torch.Generator().manual_seed(1)) / scale
     # references: held-out real patterns (residual 0) and Gaussian noise with the data's mean and std
     z_real, y_real = _toy_latents(n, torch.Generator().manual_seed(2))
     z_noise = z_data.mean() + z_data.std() * torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    print(f"reference, held-out data: class match {(_classify(z_real) == y_real).float().mean().item():.3f}, "
-          f"stripe-fit residual RMS {_stripe_residual(z_real, y_real):.3f}")
-    print(f"reference, Gaussian noise: class match {(_classify(z_noise) == y_req).float().mean().item():.3f}, "
-          f"stripe-fit residual RMS {_stripe_residual(z_noise, y_req):.3f}")
-    print(f"train {train_s:.0f} s, total {time.time() - start:.0f} s")
-
-    os.makedirs("out", exist_ok=True)
-    rows = [("data", z_real, y_real), ("DDIM w=1", results[1.0], y_req), ("DDIM w=3", results[3.0], y_req),
-            ("DDPM w=1", z_ddpm, y_req)]
-    fig, axes = plt.subplots(4, 9, figsize=(9, 4.4))
-    for r, (name, z, lab) in enumerate(rows):
-        for c in range(9):
-            # three examples of each class, in class order
-            j = (lab == c // 3).nonzero()[c % 3].item()
-            axes[r, c].imshow(z[j, 0].numpy(), cmap="coolwarm", vmin=-1.2, vmax=2.2)
-            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
-        axes[r, 0].set_ylabel(name)
-    fig.suptitle("stripe latents: rows / columns / diagonals; data vs 50-step samples")
-    fig.tight_layout()
-    fig.savefig("out/04_latent_diffusion.png", dpi=100)
-    print("wrote out/04_latent_diffusion.png")
+    # the stochastic sampler (DDPM) forgives more of a briefly trained network's error than deterministic DDIM
+    rows = [("data", z_real, y_real), ("DDIM w=1", draw("ddim", 1.0), y_req), ("DDIM w=3", draw("ddim", 3.0), y_req),
+            ("DDPM w=1", draw("ddpm", 1.0), y_req), ("noise", z_noise, y_req)]
+    for name, z, lab in rows:
+        print(f"{name:>8s}: class match {(_classify(z) == lab).float().mean().item():.3f}, "
+              f"stripe-fit residual RMS {_stripe_residual(z, lab):.3f}")
+    # three examples of each class in class order, coloured by value (blue low, red high)
+    pick = lambda z, lab: z[torch.cat([(lab == c).nonzero()[:3, 0] for c in range(K)])][:, 0]  # (9, 8, 8)
+    paint = lambda z: torch.from_numpy(colormaps["coolwarm"](((z + 1.2) / 3.4).clamp(0, 1).numpy())[..., :3])
+    figures.write_sheet([paint(pick(z, lab)).permute(0, 3, 1, 2).float() * 2 - 1 for _, z, lab in rows[:4]],
+                        "out/04_latent_diffusion.png", [name for name, _, _ in rows[:4]],
+                        "stripe latents: rows / columns / diagonals; data vs 50-step samples")
+    print(f"wrote out/04_latent_diffusion.png ({time.time() - start:.0f} s in all)")

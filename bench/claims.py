@@ -32,9 +32,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import config  # noqa: E402  (the repository root is on sys.path from here on)
+
 inr = importlib.import_module("01_inr")
 M = importlib.import_module("05_modalities")
-W = importlib.import_module("08_weight_generation")
+W = importlib.import_module("12_weight_generation")
 T = importlib.import_module("train")
 S = importlib.import_module("sample")
 
@@ -68,7 +70,7 @@ def stage1_psnr(ckpt, truth):
     _, cfg, mod, vae, _ = S.load_run(ckpt, torch.device("cpu"))
     x = truth[cfg["resolution"]]
     fields = vae.decode(vae.encode(x).mean)
-    return {r: (inr.psnr(mod.render(vae, fields, r), gt) if gt is not None else None) for r, gt in truth.items()}
+    return {r: (inr.psnr(mod.render(vae, fields, (r, r)), gt) if gt is not None else None) for r, gt in truth.items()}
 
 
 def knn_radii(x, k):
@@ -91,8 +93,8 @@ def stage2_quality(ckpt, real, n, fid_net):
     """(precision, recall, FID or None) of n samples of a run against real images."""
     ck, cfg, mod, vae, ldm = S.load_run(ckpt, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    z = ldm.sample((n, *mod.latent_shape(cfg)), steps=cfg["sample_steps"], sampler=cfg["sampler"], generator=g)
-    fake = mod.render(vae, vae.decode(z / ck["stage2"]["scale_factor"]), cfg["resolution"])
+    z = ldm.sample((n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], generator=g)
+    fake = mod.render(vae, vae.decode(z / ck["stage2"]["scale_factor"]), (cfg["resolution"],) * 2)
     p, r = precision_recall(real, fake)
     fid = None
     if fid_net is not None:
@@ -103,16 +105,17 @@ def stage2_quality(ckpt, real, n, fid_net):
 
 def ground_truth(name, path, seed, R):
     """(held-out items at R, 2R, 4R or None; up to 512 training items at R), as float in [-1, 1]."""
-    mod = M.MODALITIES["image"]
-    train, val, _ = mod.load(path, R, seed=seed)
+    image = lambda res: M.modality(config.parse(["--resolution", str(res), "--seed", str(seed)], "")[0])
+    mod = image(R)
+    train, val, _ = mod.load(path)
     if path is None:  # analytic: the same held-out images, exact at every size
-        truth = {r: M.synthetic_images(val["params"], r, r) for r in (R, 2 * R, 4 * R)}
+        truth = {r: inr.synthetic_images(val["params"], r, r) for r in (R, 2 * R, 4 * R)}
     else:  # the same split (it depends on the seed only), read at the file's own 64x64
-        big = mod.load(path, 2 * R, seed=seed)[1]["x"]
-        truth = {R: mod.to_signal(val["x"]), 2 * R: mod.to_signal(big), 4 * R: None}
+        big = image(2 * R).load(path)[1]["x"]
+        truth = {R: mod.encoder_input(val["x"]), 2 * R: mod.encoder_input(big), 4 * R: None}
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train["x"]), generator=g)[:512]
-    return truth, mod.to_signal(train["x"][idx])
+    return truth, mod.encoder_input(train["x"][idx])
 
 
 def mean_std(values):
@@ -176,7 +179,7 @@ def main():
     for arm, flags in SCRATCH.items():  # parameter counts and FLOPs of each decoder (the same for every seed)
         run = os.path.join(a.work, names[0], f"s{seeds[0]}", arm, "ckpt.pt")
         _, cfg, mod, vae, _ = S.load_run(run, torch.device("cpu"))
-        costs[arm] = W.query_cost(vae, mod.latent_shape(cfg))
+        costs[arm] = W.query_cost(vae, mod.latent_shape)
     write_report(a, results, costs, seeds, names, fid_net is not None)
 
 

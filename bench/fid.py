@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for bench/
+import readers  # noqa: E402
+
 inr = importlib.import_module("01_inr")
-M = importlib.import_module("05_modalities")
 
 INPUT_RANGE = (-1.0, 0.9921875)  # what the TensorFlow Inception graph expects
 
@@ -79,7 +80,8 @@ def frechet_distance(f1, f2):
 
 
 def folder_images(folder, resolution):
-    return M.MODALITIES["image"].to_signal(torch.stack([M.read_image(p, resolution) for p in M.find_images(folder)]))
+    """A folder (or .npz) of images at resolution x resolution, float in [-1, 1]."""
+    return readers.read_images(folder, resolution).float() / 127.5 - 1.0
 
 
 def main():
@@ -88,7 +90,7 @@ def main():
     p.add_argument("--fake", help="folder of generated images (instead of --ckpt)")
     p.add_argument("--ckpt", help="a run's ckpt.pt: sample --n images from it")
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=0, help="sampling steps; default: the run's")
+    p.add_argument("--sample-steps", type=int, default=0, help="denoising steps; default: the run's")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=0, help="size images are read at; default: the run's")
@@ -103,11 +105,11 @@ def main():
         fakes = []
         for i in range(0, a.n, 100):
             flags = ["--ckpt", a.ckpt, "--n", str(min(100, a.n - i)), "--seed", str(a.seed + i)]
-            flags += (["--steps", str(a.steps)] if a.steps else []) + (["--sampler", a.sampler] if a.sampler else [])
-            args = S.parse_args(flags)
-            fakes.append(S.sample(args, ck, cfg, mod, vae, ldm, torch.device("cpu"), [R], write=False)[0])
+            flags += (["--sample-steps", str(a.sample_steps)] if a.sample_steps else [])
+            flags += ["--sampler", a.sampler] if a.sampler else []
+            fakes.append(S.sample(S.parse_args(flags), ck, cfg, mod, vae, ldm, [R], write=False)[0])
         fake = torch.cat(fakes)
-        how = f"{args.sampler}, {args.steps} steps"
+        how = f"{a.sampler or cfg['sampler']}, {a.sample_steps or cfg['sample_steps']} steps"
     else:
         if a.resolution < 1:
             raise SystemExit("--resolution: give the size both folders are read at (e.g. 64)")

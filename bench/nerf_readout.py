@@ -3,7 +3,7 @@
     python bench/nerf_readout.py                        # lego (../shared/data) when present, 600 steps per arm
     python bench/nerf_readout.py --data scene.npz --steps 1500 --out bench/nerf_readout.md
 
-One scene, auto-decoded (file 05's NeRF record), trained for the same number of steps with the
+One scene, auto-decoded (file 11's NeRF modality), trained for the same number of steps with the
 same rays, samples, latent and decoder trunk in each arm; only the basis fields and the read-out
 differ:
   release     a single 64^3-plane field and an MLP without nonlinearities (the original code's
@@ -22,9 +22,12 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import config  # noqa: E402
+import figures  # noqa: E402
+import readers  # noqa: E402
+
 V = importlib.import_module("02_d2c_vae")
-M = importlib.import_module("05_modalities")
-T = importlib.import_module("train")
+Nf = importlib.import_module("11_nerf")
 LEGO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "lego_100px_train.npz")
 
 
@@ -42,31 +45,33 @@ class LinearReadout(nn.Module):
         return h
 
 
-def run_arm(arm, args, data, val):
+def settings(args, size, variant="hdbf_cfc"):
+    flags = ["--modality", "nerf", "--plane-res", str(args.plane_res), "--resolution", str(size), "--z-ch", "16",
+             "--variant", variant]
+    return config.parse(flags, "")[0]
+
+
+def run_arm(arm, args, data, val, data_settings):
     torch.manual_seed(0)
-    flags = ["--modality", "nerf", "--resolution", str(args.resolution), "--z-ch", "16",
-             "--variant", "hdbf_cfc" if arm == "hdbf_cfc" else "single"]
-    cfg = T.parse_config(flags)[0]
-    nerf = M.MODALITIES["nerf"]
-    cfg = {**cfg, **nerf.data_config(data, cfg)}
-    nerf.configure(cfg)
-    vae = nerf.build_vae(cfg)
+    cfg = {**settings(args, data["images"].shape[2], "hdbf_cfc" if arm == "hdbf_cfc" else "single"), **data_settings}
+    nerf = Nf.NerfModality(cfg)
+    vae = nerf.build_vae()
     if arm == "release":
         vae.readout = LinearReadout(vae.readout.mlp)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg["vae_lr"])
     g = torch.Generator().manual_seed(1)
     t0 = time.time()
     for step in range(args.steps):
-        x, rays, target = nerf.training_batch(data, torch.zeros(1, dtype=torch.long), args.rays, g, "cpu")
+        x, rays, target = nerf.training_batch(data, torch.zeros(1, dtype=torch.long), args.rays, g)
         lam = V.kl_weight(step, args.steps, cfg["lambda_z"])
-        loss = V.elbo_loss(vae, x, rays, target, lam, nerf.values_per_item(cfg), nerf.recon)["loss"]
+        loss = V.elbo_loss(vae, x, rays, target, lam, nerf.values_per_item, nerf.recon)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     seconds = time.time() - t0
     vae.eval()
     with torch.no_grad():
-        held_out, _, truths, recs = nerf.compare(vae, val, cfg, "cpu")
+        held_out, _, truths, recs = nerf.compare(vae, val, "cpu")
     params = sum(p.numel() for p in vae.decoder.parameters()) + sum(p.numel() for p in vae.readout.parameters())
     return {"arm": arm, "psnr": held_out, "seconds": seconds, "params": params, "truth": truths[0][:4], "rec": recs[0][:4]}
 
@@ -76,24 +81,25 @@ def main(argv=None):
     p.add_argument("--data", default=LEGO, help="posed pictures of one scene (default: lego in ../shared/data)")
     p.add_argument("--steps", type=int, default=600, help="optimiser steps per arm")
     p.add_argument("--rays", type=int, default=2048, help="rays per step")
-    p.add_argument("--resolution", type=int, default=64, help="tri-plane size (finest field)")
+    p.add_argument("--plane-res", type=int, default=64, help="tri-plane size (finest field)")
     p.add_argument("--out", default=None, help="also write the table here (markdown) and a PNG beside it")
     a = p.parse_args(argv)
     if not os.path.exists(a.data):
         raise SystemExit(f"--data {a.data}: not found (the default is lego_100px_train.npz in ../shared/data)")
-    tr, va = M.read_posed_scenes(a.data, 0)
-    data, val = M.stack_scenes(tr[:1], "--data", a.data), M.stack_scenes(va[:1], "--data", a.data)
-    results = [run_arm(arm, a, data, val) for arm in ("release", "single", "hdbf_cfc")]
+    size = readers.read_posed_scenes(a.data, 0)[0][0]["images"].shape[1]  # the pictures' own size
+    reader = Nf.NerfModality(settings(a, size))
+    data, val, _ = reader.load(a.data)
+    results = [run_arm(arm, a, data, val, reader.data_settings) for arm in ("release", "single", "hdbf_cfc")]
     lines = [f"{len(val['poses'][0])} held-out views of {data['names'][0]}, {a.steps} steps of {a.rays} rays, "
-             f"tri-plane {a.resolution}, {torch.get_num_threads()} CPU threads", "",
+             f"tri-plane {a.plane_res}, {torch.get_num_threads()} CPU threads", "",
              "| read-out | decoder + read-out parameters | held-out PSNR (dB) | training time |", "|---|---|---|---|"]
     lines += [f"| {r['arm']} | {r['params']:,} | {r['psnr']:.2f} | {r['seconds']:.0f} s |" for r in results]
     print("\n".join(lines))
     if a.out:
         open(a.out, "w").write("\n".join(lines) + "\n")
         rows = [results[0]["truth"]] + [r["rec"] for r in results]
-        M.ImageModality.write_sheet(rows, os.path.splitext(a.out)[0] + ".png", ["held out"] + [r["arm"] for r in results],
-                                    f"{a.steps} steps each: " + ", ".join(f"{r['arm']} {r['psnr']:.2f} dB" for r in results))
+        figures.write_sheet(rows, os.path.splitext(a.out)[0] + ".png", ["held out"] + [r["arm"] for r in results],
+                            f"{a.steps} steps each: " + ", ".join(f"{r['arm']} {r['psnr']:.2f} dB" for r in results))
         print(f"wrote {a.out} and its PNG")
 
 

@@ -22,8 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-M = importlib.import_module("05_modalities")
-G = importlib.import_module("06_geometry")
+G = importlib.import_module("07_geometry")
+Sh = importlib.import_module("09_shapes")
 S = importlib.import_module("sample")
 
 
@@ -42,28 +42,29 @@ def main(argv=None):
     if ldm is None:
         raise SystemExit(f"--ckpt {a.ckpt}: has no stage-2 weights")
     g = torch.Generator().manual_seed(1)
-    ref_params = M.synthetic_shape_params(a.n, seed=cfg["seed"] + 1_000_003)  # train.py's validation shapes
-    ref = M.synthetic_surface(ref_params, a.points, g)
+    ref_params = Sh.synthetic_shape_params(a.n, seed=cfg["seed"] + 1_000_003)  # train.py's validation shapes
+    ref = Sh.synthetic_surface(ref_params, a.points, g)
     sets, seconds = {}, {}
     with torch.no_grad():
         t = time.time()
         K = ck["num_classes"]
         y = torch.arange(a.n) % K if K else None
-        z = ldm.sample((a.n, *mod.latent_shape(cfg)), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
+        z = ldm.sample((a.n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
                        generator=torch.Generator().manual_seed(0))
         fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))
-        sets["generated"] = torch.cat([mod.mesh_clouds(mod.logit_grid(vae, [f[i:i + 8] for f in fields]), a.points, seed=i)
+        R = cfg["resolution"]  # the run's grid of IoU and meshes
+        sets["generated"] = torch.cat([mod.mesh_clouds(mod.logit_grid(vae, [f[i:i + 8] for f in fields], R), a.points, seed=i)
                                        for i in range(0, a.n, 8)])
         seconds["generated"] = time.time() - t
         t = time.time()
         rec = []
         for i in range(0, a.n, 8):
-            fields = vae.decode(vae.encode(mod.to_signal(ref[i:i + 8])).mean)
-            rec.append(mod.mesh_clouds(mod.logit_grid(vae, fields), a.points, seed=i))
+            fields = vae.decode(vae.encode(mod.encoder_input(ref[i:i + 8])).mean)
+            rec.append(mod.mesh_clouds(mod.logit_grid(vae, fields, R), a.points, seed=i))
         sets["reconstructed"] = torch.cat(rec)
         seconds["reconstructed"] = time.time() - t
-    fresh = M.synthetic_shape_params(a.n, seed=12345)
-    sets["fresh"] = M.synthetic_surface(fresh, a.points, g)
+    fresh = Sh.synthetic_shape_params(a.n, seed=12345)
+    sets["fresh"] = Sh.synthetic_surface(fresh, a.points, g)
     sets["one shape"] = sets["fresh"][:1].expand(a.n, -1, -1).contiguous()
     lines = [f"Reference: {a.n} held-out synthetic shapes, {a.points} points each; run {a.ckpt} "
              f"(stage 1 {ck['stage1']['step']} steps, stage 2 {ck['stage2']['step']} steps, {cfg['sampler']} "

@@ -34,6 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import config  # noqa: E402  (the repository root is on sys.path from here on)
+
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
 M = importlib.import_module("05_modalities")
@@ -90,12 +92,14 @@ def lookup_rows(device, quick):
 
 
 def run_config(resolution=None, preset="tiny"):
+    """(the image run's settings, its modality) at this preset and resolution."""
     flags = ["--preset", preset, "--out", os.devnull] + (["--resolution", str(resolution)] if resolution else [])
-    return T.parse_config(flags)[0]
+    cfg = config.parse(flags, "")[0]
+    return cfg, M.modality(cfg)
 
 
 def stage1_step(cfg, mod, vae, opt, x, K, device):
-    coords, target = mod.queries(x, K)
+    _, coords, target = mod.training_batch({"x": x}, torch.arange(len(x)), K, None)  # K = 0: every pixel
     terms = V.elbo_loss(vae, x, coords, target, 1e-4, x[0].numel(), mod.recon)
     opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
@@ -104,10 +108,10 @@ def stage1_step(cfg, mod, vae, opt, x, K, device):
 
 def coords_rows(device, quick):
     R, B = 256, (2 if quick else 8)
-    cfg, mod = run_config(R), M.MODALITIES["image"]
-    vae = mod.build_vae(cfg).to(device)
+    cfg, mod = run_config(R)
+    vae = mod.build_vae().to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
-    x = mod.to_signal(M.synthetic_images(M.synthetic_params(B, seed=0), R, R)).to(device)
+    x = inr.synthetic_images(inr.synthetic_params(B, seed=0), R, R).to(device)
     K = 2048
     t_k = seconds(lambda: stage1_step(cfg, mod, vae, opt, x, K, device), device, repeat=3)
     t_full = seconds(lambda: stage1_step(cfg, mod, vae, opt, x, 0, device), device, repeat=3)
@@ -120,11 +124,11 @@ def worker(part, device_name, quick):
     device = torch.device(device_name)
     torch.manual_seed(0)
     preset = "paper" if device.type == "cuda" else "tiny"
-    cfg, mod = run_config(preset=preset), M.MODALITIES["image"]
+    cfg, mod = run_config(preset=preset)
     R = cfg["resolution"]
-    vae = mod.build_vae(cfg).to(device)
+    vae = mod.build_vae().to(device)
     ldm = T.build_ldm(cfg, mod, num_classes=0).to(device)
-    x = mod.to_signal(M.synthetic_images(M.synthetic_params(cfg["batch_size"], seed=0), R, R)).to(device)
+    x = inr.synthetic_images(inr.synthetic_params(cfg["batch_size"], seed=0), R, R).to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -138,7 +142,7 @@ def worker(part, device_name, quick):
         out["items_per_s"] = cfg["batch_size"] / seconds(step, device, repeat=3 if quick else 10)
     elif part == "stage2":
         opt = torch.optim.Adam(ldm.parameters(), lr=1e-4)
-        z0 = torch.randn(cfg["ldm_batch"], *mod.latent_shape(cfg), device=device)
+        z0 = torch.randn(cfg["ldm_batch"], *mod.latent_shape, device=device)
 
         def step():
             with amp:
@@ -158,12 +162,12 @@ def worker(part, device_name, quick):
         g = torch.Generator().manual_seed(0)
         with torch.no_grad(), amp:
             t = time.perf_counter()
-            z = ldm.sample((n, *mod.latent_shape(cfg)), steps=50, sampler="ddim", generator=g)
+            z = ldm.sample((n, *mod.latent_shape), steps=50, sampler="ddim", generator=g)
             out["sample_s"] = time.perf_counter() - t
             fields = vae.decode(z)
             for size in (256, 1024):
                 t = time.perf_counter()
-                mod.render(vae, fields, size)
+                mod.render(vae, fields, (size, size))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 out[f"render_{size}_s"] = time.perf_counter() - t

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import engine
+
 train = importlib.import_module("train")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +48,7 @@ def runs(tmp_path_factory):
     for name, cmd in commands.items():
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, f"{name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-        out[name] = (p.stdout, train.load_checkpoint(str(tmp / name / "ckpt.pt")))
+        out[name] = (p.stdout, engine.load_checkpoint(str(tmp / name / "ckpt.pt")))
     return out
 
 

@@ -11,34 +11,23 @@ import numpy as np
 import pytest
 import torch
 
+import config
+import engine
+from conftest import TINY, small_data
+
 inr = importlib.import_module("01_inr")
 M = importlib.import_module("05_modalities")
+readers = importlib.import_module("readers")
 train = importlib.import_module("train")
 sample = importlib.import_module("sample")
-
-# A model small enough to train in seconds: 16x16 images, a 2x4x4 latent.
-TINY = ["--modality", "image", "--resolution", "16", "--batch-size", "4", "--z-ch", "2", "--enc-ch", "8",
-        "--field-ch", "4", "--mlp-hidden", "16", "--ldm-ch", "16", "--ldm-batch", "8", "--steps", "4",
-        "--sample-steps", "2", "--sampler", "ddim", "--log-every", "2", "--ckpt-every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def small_synthetic(monkeypatch):
-    # the built-in dataset, shrunk so that generating it takes no time
-    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_train", 32)
-    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_val", 8)
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One complete tiny run (both stages), shared by the tests that only read it."""
     out = str(tmp_path_factory.mktemp("run") / "r")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(M.MODALITIES["image"], "synthetic_train", 32)
-    mp.setattr(M.MODALITIES["image"], "synthetic_val", 8)
-    train.main(TINY + ["--out", out])
-    mp.undo()
+    with small_data():
+        train.main(TINY + ["--out", out])
     return out
 
 
@@ -56,13 +45,13 @@ def test_checkpoint_reloads_and_reproduces_validation_psnr(run):
     assert ck["config"]["modality"] == "image" and ck["stage1"]["done"] and ck["stage2"]["done"]
     _, cfg, mod, vae, ldm = sample.load_run(os.path.join(run, "ckpt.pt"), torch.device("cpu"))
     assert ldm is not None
-    _, val, _ = mod.load(None, cfg["resolution"], seed=cfg["seed"])
-    scores, _, _ = train.evaluate_vae(mod, vae, val, cfg, torch.device("cpu"))
+    _, val, _ = mod.load(None)
+    scores, _, _ = train.evaluate_vae(mod, vae, val, torch.device("cpu"))
     assert scores["psnr"] == pytest.approx(ck["stage1"]["val_psnr"], abs=1e-4)
 
 
 def test_same_seed_same_samples(run, tmp_path):
-    args = ["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "3", "--steps", "3", "--resolution", "8,16,24"]
+    args = ["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "3", "--sample-steps", "3", "--resolution", "8,16,24"]
     a = sample.main(args + ["--seed", "5", "--out", str(tmp_path / "a.png")])
     b = sample.main(args + ["--seed", "5", "--out", str(tmp_path / "b.png")])
     c = sample.main(args + ["--seed", "6", "--out", str(tmp_path / "c.png")])
@@ -74,7 +63,7 @@ def test_same_seed_same_samples(run, tmp_path):
 
 
 def test_guided_sampling_of_one_class(run, tmp_path):
-    rows = sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--steps", "2", "--label", "1",
+    rows = sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--sample-steps", "2", "--label", "1",
                         "--guidance", "3", "--sampler", "ddpm", "--out", str(tmp_path / "g.png")])
     assert rows[0].shape == (2, 3, 16, 16) and torch.isfinite(rows[0]).all()
     with pytest.raises(SystemExit, match="--label 7"):
@@ -97,14 +86,14 @@ def test_reconstruct_a_folder_prints_psnr(run, tmp_path, capsys):
     sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--reconstruct", folder, "--resolution", "16,32",
                  "--out", str(tmp_path / "rec.png")])
     out = capsys.readouterr().out
-    assert "resolution 16: mean PSNR" in out and "resolution 32: mean PSNR" in out and "over 6 items" in out
+    assert "16x16: mean PSNR" in out and "32x32: mean PSNR" in out and "over 6 items" in out
     assert os.path.getsize(tmp_path / "rec.png") > 0
 
 
 def test_read_image_handles_grey_rgba_and_crops(tmp_path):
     grey = np.tile(np.linspace(0, 1, 40), (20, 1))  # (20, 40): a horizontal ramp
     matplotlib.image.imsave(tmp_path / "g.png", grey, cmap="gray", vmin=0, vmax=1)
-    x = M.read_image(str(tmp_path / "g.png"), 10)
+    x = readers.read_image(str(tmp_path / "g.png"), 10)
     assert x.shape == (3, 10, 10) and x.dtype == torch.uint8
     assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])  # grey -> equal channels
     # centre crop keeps the middle half of the ramp: columns 10..29 of 40, values ~0.25..0.75
@@ -126,9 +115,9 @@ def test_vae_then_ldm_in_two_calls(tmp_path):
 def test_v_prediction_run_samples_with_v(tmp_path):
     out = str(tmp_path / "v")
     train.main(TINY + ["--out", out, "--prediction", "v"])
-    ck = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ck = engine.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["config"]["prediction"] == "v"
-    ldm = train.build_ldm(ck["config"], M.MODALITIES["image"], ck["num_classes"])
+    ldm = train.build_ldm(ck["config"], M.modality(ck["config"]), ck["num_classes"])
     assert ldm.prediction == "v"  # what sample.py rebuilds from the checkpoint
     sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--n", "2", "--out", str(tmp_path / "s.png")])
     assert os.path.getsize(tmp_path / "s.png") > 0
@@ -154,16 +143,16 @@ def test_refusals_are_one_line_errors(run, tmp_path):
 def test_time_budget_alone_plans_from_measured_speed(monkeypatch):
     # --max-minutes without --steps: the stage runs as many steps as fit, planned after a probe
     clock = [0.0]
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    budget = train.Budget(train.stage_steps({"steps": 0, "max_minutes": 1.0, "vae_steps": 5}, "vae_steps"), 1.0)
+    monkeypatch.setattr(engine.time, "time", lambda: clock[0])
+    budget = engine.Budget(engine.stage_steps({"steps": 0, "max_minutes": 1.0, "vae_steps": 5}, "vae_steps"), 1.0)
     step = 0
     while not budget.done(step):
         step += 1
         clock[0] += 0.5  # 2 steps per second -> 120 steps in a minute
     assert budget.plan == 120 and step == 120
     # with --steps, the smaller bound wins; with neither, the preset's count
-    assert train.Budget(train.stage_steps({"steps": 50, "max_minutes": 1.0}, "vae_steps"), 1.0).steps == 50
-    assert train.stage_steps({"steps": 0, "max_minutes": 0, "vae_steps": 5}, "vae_steps") == 5
+    assert engine.Budget(engine.stage_steps({"steps": 50, "max_minutes": 1.0}, "vae_steps"), 1.0).steps == 50
+    assert engine.stage_steps({"steps": 0, "max_minutes": 0, "vae_steps": 5}, "vae_steps") == 5
 
 
 def test_prefetcher_thread_gives_the_batches_and_states_of_a_plain_loop():
@@ -177,7 +166,7 @@ def test_prefetcher_thread_gives_the_batches_and_states_of_a_plain_loop():
     runs = {}
     for background in (False, True):
         gen = torch.Generator().manual_seed(0)
-        loader = train.Prefetcher(draw, gen, cpu, background=background)
+        loader = engine.Prefetcher(draw, gen, cpu, background=background)
         assert (loader.thread is not None) == background
         runs[background] = [(loader.next(), loader.resume_state.clone()) for _ in range(5)]
         loader.close()
@@ -190,7 +179,25 @@ def test_prefetcher_thread_gives_the_batches_and_states_of_a_plain_loop():
 
     def failing(gen):
         raise ValueError("bad item 7")
-    loader = train.Prefetcher(failing, torch.Generator(), cpu, background=True)
+    loader = engine.Prefetcher(failing, torch.Generator(), cpu, background=True)
     with pytest.raises(ValueError, match="bad item 7"):  # raised in the training loop, not lost in the thread
         loader.next()
     loader.close()
+
+
+def test_a_checkpoint_saved_before_plane_res_still_loads(run, tmp_path):
+    # configs saved before --plane-res: shapes and NeRF kept their planes' side in `resolution`, NeRF its
+    # pictures in `view_size`; older ones had no decoder, bases or prediction (and predicted eps)
+    ck = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+    for key in ("plane_res", "decoder", "bases", "prediction"):
+        del ck["config"][key]
+    torch.save(ck, tmp_path / "old.pt")
+    rows = sample.main(["--ckpt", str(tmp_path / "old.pt"), "--n", "2", "--sample-steps", "2", "--seed", "3",
+                        "--out", str(tmp_path / "a.png")])
+    same = sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--sample-steps", "2", "--seed", "3",
+                        "--out", str(tmp_path / "b.png")])
+    assert torch.equal(rows[0], same[0])
+    nerf = config.upgrade({"modality": "nerf", "resolution": 32, "view_size": 100})
+    shape = config.upgrade({"modality": "shape", "resolution": 32})
+    assert (nerf["plane_res"], nerf["resolution"], "view_size" in nerf) == (32, 100, False)
+    assert (shape["plane_res"], shape["resolution"], shape["prediction"]) == (32, 64, "eps")

@@ -1,4 +1,5 @@
-"""06_geometry.py: surface nets meshes, ray-marched previews, Chamfer / MMD / COV / 1-NNA."""
+"""07_geometry.py (surface nets meshes, Chamfer / MMD / COV / 1-NNA) and 08_ray_marching.py (cameras,
+ray-marched pictures of occupancy fields)."""
 import importlib
 import math
 import os
@@ -6,8 +7,9 @@ import os
 import pytest
 import torch
 
-G = importlib.import_module("06_geometry")
-mesh = raymarch = metrics3d = G
+G = importlib.import_module("07_geometry")
+mesh = metrics3d = G
+raymarch = importlib.import_module("08_ray_marching")
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,8 +265,7 @@ def sphere_field(radii, scale=4.0):
 
 def default_rays(height=H, width=W, **kw):
     """Rays of render_occupancy's camera (same maths, recomputed here from the public pieces)."""
-    eye = raymarch.orbit_eye(raymarch.AZIMUTH_DEG, raymarch.ELEVATION_DEG, raymarch.DISTANCE)
-    c2w = raymarch.look_at(eye, (0.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    c2w = raymarch.orbit_c2w(raymarch.AZIMUTH_DEG, raymarch.ELEVATION_DEG, raymarch.DISTANCE)
     f = raymarch.focal_from_fov(width, kw.get("fov_deg", raymarch.FOV_DEG))
     return raymarch.camera_rays(height, width, c2w, f)
 
@@ -398,14 +399,14 @@ def test_depth_all_pixels_and_unscaled_logits():
 
 
 def test_image_orientation_world_y_up():
-    # Camera on +z (azimuth 0, elevation 0): world +x is image right, world +y is image up.
+    # Camera on +z (azimuth 270 around world y, elevation 0): world +x is image right, world +y is image up.
     def field(p):
         # Two small balls: one at (+0.6, 0, 0), one at (0, +0.6, 0).
         a = 0.25 - (p - torch.tensor([0.6, 0.0, 0.0])).norm(dim=-1)
         b = 0.25 - (p - torch.tensor([0.0, 0.6, 0.0])).norm(dim=-1)
         return torch.maximum(a, b)
 
-    _, buf = raymarch.render_occupancy(field, 1, 32, 32, azimuth=0.0, elevation=0.0, steps=STEPS,
+    _, buf = raymarch.render_occupancy(field, 1, 32, 32, azimuth=270.0, elevation=0.0, steps=STEPS,
                                        return_buffers=True)
     mask = buf["mask"][0]
     rows, cols = mask.nonzero(as_tuple=True)

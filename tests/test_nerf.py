@@ -1,4 +1,4 @@
-"""The NeRF modality: rays (07), compositing against its closed form, the synthetic scenes against
+"""The NeRF modality (11_nerf.py): rays (08, 10), compositing against its closed form, the synthetic scenes against
 their analytic renders, the three posed-picture readers, one scene overfit, and train.py /
 sample.py end to end on synthetic scenes and on posed pictures."""
 import importlib
@@ -11,28 +11,24 @@ import numpy as np
 import pytest
 import torch
 
+import config
+import engine
+import readers
+from conftest import settings, small_data
+
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
-M = importlib.import_module("05_modalities")
-G = importlib.import_module("06_geometry")
-R = importlib.import_module("07_volume_rendering")
+RM = importlib.import_module("08_ray_marching")
+R = importlib.import_module("10_volume_rendering")
+Nf = importlib.import_module("11_nerf")
 train = importlib.import_module("train")
 sample = importlib.import_module("sample")
 
-NERF = M.MODALITIES["nerf"]
-TINY = ["--modality", "nerf", "--resolution", "16", "--batch-size", "2", "--coords-per-item", "64",
-        "--samples-per-ray", "8", "--view-size", "12", "--frames", "3", "--z-ch", "2", "--enc-ch", "8",
-        "--field-ch", "4", "--mlp-hidden", "16", "--ldm-ch", "16", "--ldm-batch", "4", "--steps", "3",
-        "--sample-steps", "2", "--sampler", "ddim", "--log-every", "1", "--ckpt-every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def small(monkeypatch):
-    monkeypatch.setattr(NERF, "synthetic_train", 6)
-    monkeypatch.setattr(NERF, "synthetic_val", 2)
-    monkeypatch.setattr(NERF, "num_points", 256)
-    monkeypatch.setattr(NERF, "encoder_points", 128)
-    torch.set_num_threads(1)
+# planes of 16, pictures of 12, 64 rays of 8 samples per scene and step
+TINY = ["--modality", "nerf", "--plane-res", "16", "--resolution", "12", "--batch-size", "2", "--coords-per-item", "64",
+        "--samples-per-ray", "8", "--z-ch", "2", "--enc-ch", "8", "--field-ch", "4", "--mlp-hidden", "16",
+        "--ldm-ch", "16", "--ldm-batch", "4", "--steps", "3", "--sample-steps", "2", "--sampler", "ddim",
+        "--log-every", "1", "--ckpt-every", "2"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -41,18 +37,18 @@ def small(monkeypatch):
 def test_rays_of_a_known_camera():
     # camera at (0, 0, 4) looking at the origin, 5x5 pixels, f = 2.5: the centre pixel looks down -z,
     # the top-left one towards (-2 / 2.5, +2 / 2.5, -1) (rows go down, camera y up)
-    c2w = G.look_at((0.0, 0.0, 4.0))
+    c2w = RM.look_at((0.0, 0.0, 4.0))
     intr = torch.tensor([2.5, 2.5, 2.5])
-    o, d = R.pixel_rays(c2w, intr, torch.tensor([2.0, 0.0]), torch.tensor([2.0, 0.0]))
+    o, d = RM.pixel_rays(c2w, intr, torch.tensor([2.0, 0.0]), torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(o, torch.tensor([[0.0, 0.0, 4.0]] * 2))
     torch.testing.assert_close(d[0], torch.tensor([0.0, 0.0, -1.0]))
     corner = torch.tensor([-0.8, 0.8, -1.0])
     torch.testing.assert_close(d[1], corner / corner.norm())
-    # every pixel of a turned camera: the same rays as file 06's one-camera version
-    c2w = R.orbit_c2w(40.0, 20.0, 3.0, up=(0.0, 0.0, 1.0))
+    # every pixel of a turned camera: the same rays as the one-camera version
+    c2w = RM.orbit_c2w(40.0, 20.0, 3.0, up=(0.0, 0.0, 1.0))
     rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="ij")
-    o, d = R.pixel_rays(c2w, torch.tensor([7.0, 4.0, 3.0]), rows.reshape(-1), cols.reshape(-1))
-    o6, d6 = G.camera_rays(6, 8, c2w, 7.0)
+    o, d = RM.pixel_rays(c2w, torch.tensor([7.0, 4.0, 3.0]), rows.reshape(-1), cols.reshape(-1))
+    o6, d6 = RM.camera_rays(6, 8, c2w, 7.0)
     torch.testing.assert_close(o, o6)
     torch.testing.assert_close(d, d6)
     # the orbit camera sits at its radius and elevation above the z-up horizon, looking at the origin
@@ -152,7 +148,7 @@ def synthetic_views(params, V_, size, seed=0):
     """Exact pictures of one synthetic scene from V_ random cameras: uint8 (V, size, size, 3), c2w, focal."""
     c2w, intr = R.random_cameras((V_,), torch.Generator().manual_seed(seed), size=size)
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    o, d = R.pixel_rays(c2w[:, None], intr[:, None], rows.reshape(1, -1).float(), cols.reshape(1, -1).float())
+    o, d = RM.pixel_rays(c2w[:, None], intr[:, None], rows.reshape(1, -1).float(), cols.reshape(1, -1).float())
     p = {k: v.expand(V_, *v.shape[1:]) for k, v in params.items()}
     rgb = R.scene_render(p, o, d).reshape(V_, size, size, 3)
     return ((rgb + 1) * 127.5).round().to(torch.uint8), c2w, intr[0, 0].item()
@@ -193,19 +189,19 @@ def posed(tmp_path_factory):
 
 def test_the_three_readers_give_the_same_pictures_and_rays(posed):
     r = posed["root"]
-    scenes = {"npz": M.read_posed_scenes(str(r / "scene.npz"), 0),
-              "nerf-synthetic": M.read_posed_scenes(str(r / "ns"), 0),
-              "srn": M.read_posed_scenes(str(r / "srn"), 0)}
+    scenes = {"npz": readers.read_posed_scenes(str(r / "scene.npz"), 0),
+              "nerf-synthetic": readers.read_posed_scenes(str(r / "ns"), 0),
+              "srn": readers.read_posed_scenes(str(r / "srn"), 0)}
     held_out = torch.arange(10) % 10 == 5
     for name, (tr, va) in scenes.items():
         assert len(tr) == 1 and len(tr[0]["poses"]) == 9 and len(va[0]["poses"]) == 1, name
         assert tr[0]["images"].shape == (9, 16, 16, 4) and (tr[0]["images"][..., 3] == 255).all(), name
         assert (tr[0]["images"][..., :3].int() - posed["imgs"][~held_out].int()).abs().max() <= 1, name
         rows, cols = torch.tensor([0.0, 7.0, 15.0]), torch.tensor([3.0, 8.0, 15.0])
-        o, d = R.pixel_rays(tr[0]["poses"][:, None], tr[0]["intr"][:, None], rows, cols)
+        o, d = RM.pixel_rays(tr[0]["poses"][:, None], tr[0]["intr"][:, None], rows, cols)
         # the cameras the pictures were rendered with (positions in the cube's units)
-        intr = torch.tensor([G.focal_from_fov(16, R.SCENE_FOV), 8.0, 8.0])
-        o0, d0 = R.pixel_rays(posed["c2w"][~held_out][:, None], intr, rows, cols)
+        intr = torch.tensor([RM.focal_from_fov(16, R.SCENE_FOV), 8.0, 8.0])
+        o0, d0 = RM.pixel_rays(posed["c2w"][~held_out][:, None], intr, rows, cols)
         torch.testing.assert_close(o, o0, atol=1e-4, rtol=0, msg=name)
         torch.testing.assert_close(d, d0, atol=1e-4, rtol=0, msg=name)
     assert scenes["srn"][0][0]["near"] == 0.8
@@ -221,16 +217,16 @@ def test_bad_npz_scenes_are_one_line_errors(tmp_path, make, says):
     p = str(tmp_path / "bad.npz")
     make(p)
     with pytest.raises(SystemExit) as e:
-        M.read_posed_scenes(p, 0)
+        readers.read_posed_scenes(p, 0)
     assert says in str(e.value) and p in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_folder_without_scenes_and_a_broken_transforms_file_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="no scene found"):
-        M.read_posed_scenes(str(tmp_path), 0)
+        readers.read_posed_scenes(str(tmp_path), 0)
     (tmp_path / "transforms_train.json").write_text('{"frames": []}')
     with pytest.raises(SystemExit) as e:
-        M.read_posed_scenes(str(tmp_path), 0)
+        readers.read_posed_scenes(str(tmp_path), 0)
     assert "transforms_train.json: expected camera_angle_x" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -239,24 +235,22 @@ def test_a_folder_without_scenes_and_a_broken_transforms_file_are_one_line_error
 # ----------------------------------------------------------------------------------------
 def test_one_scene_overfits_through_the_auto_decoded_vae(posed):
     torch.manual_seed(0)
-    tr, va = M.read_posed_scenes(str(posed["root"] / "scene.npz"), 0)
-    data, val = M.stack_scenes(tr, "--data", "x"), M.stack_scenes(va, "--data", "x")
-    cfg = train.parse_config(["--modality", "nerf", "--resolution", "32", "--samples-per-ray", "24", "--z-ch", "4",
-                              "--field-ch", "8", "--mlp-hidden", "32"])[0]
-    cfg = {**cfg, **NERF.data_config(data, cfg)}
-    NERF.configure(cfg)
-    vae = NERF.build_vae(cfg)
+    mod = Nf.NerfModality(config.parse(["--modality", "nerf", "--plane-res", "32", "--resolution", "16",
+                                        "--samples-per-ray", "24", "--z-ch", "4", "--field-ch", "8", "--mlp-hidden",
+                                        "32"], "")[0])
+    data, val, _ = mod.load(str(posed["root"] / "scene.npz"))
+    vae = mod.build_vae()
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)  # (5e-3 makes the density blow up)
     g = torch.Generator().manual_seed(0)
     for step in range(200):
-        x, rays, target = NERF.training_batch(data, torch.zeros(1, dtype=torch.long), 512, g, "cpu")
-        loss = V.elbo_loss(vae, x, rays, target, 1e-6, NERF.values_per_item(cfg), NERF.recon)["loss"]
+        x, rays, target = mod.training_batch(data, torch.zeros(1, dtype=torch.long), 512, g)
+        loss = V.elbo_loss(vae, x, rays, target, 1e-6, mod.values_per_item, mod.recon)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        train_psnr, _, _, _ = NERF.compare(vae, data, cfg, "cpu")
-        scores, rows, _ = NERF.evaluate(vae, val, cfg, "cpu")
+        train_psnr, _, _, _ = mod.compare(vae, data, "cpu")
+        scores, rows, _ = mod.evaluate(vae, val, "cpu")
     # 24.6 dB on its 9 views and 18.1 dB on the held-out one when this was written (16x16 pictures)
     assert train_psnr > 21 and scores["psnr"] > 15, (train_psnr, scores)
 
@@ -264,11 +258,8 @@ def test_one_scene_overfits_through_the_auto_decoded_vae(posed):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("nerf") / "r")
-    mp = pytest.MonkeyPatch()
-    for k, v in (("synthetic_train", 6), ("synthetic_val", 2), ("num_points", 256), ("encoder_points", 128)):
-        mp.setattr(NERF, k, v)
-    train.main(TINY + ["--out", out])
-    mp.undo()
+    with small_data():
+        train.main(TINY + ["--out", out])
     return out
 
 
@@ -276,7 +267,7 @@ def test_train_and_sample_synthetic_scenes_write_turntables(run, tmp_path, capsy
     for name in ("ckpt.pt", "recon.png", "samples.png"):
         assert os.path.getsize(os.path.join(run, name)) > 0, name
     out = str(tmp_path / "s.png")
-    sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--steps", "2", "--resolution", "8,12",
+    sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--sample-steps", "2", "--resolution", "8,12",
                  "--frames", "4", "--out", out])
     from PIL import Image
 
@@ -291,9 +282,9 @@ def test_train_and_sample_synthetic_scenes_write_turntables(run, tmp_path, capsy
 def test_posed_pictures_train_and_reconstruct_from_a_stage_1_checkpoint(posed, tmp_path, capsys):
     out = str(tmp_path / "r")
     data = str(posed["root"] / "scene.npz")
-    train.main(TINY + ["--data", data, "--batch-size", "1", "--stage", "vae", "--view-size", "0", "--out", out])
-    ck = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ck["config"]["num_scenes"] == 1 and ck["config"]["view_size"] == 16 and "ema" not in ck["stage2"]
+    train.main(TINY + ["--data", data, "--batch-size", "1", "--stage", "vae", "--resolution", "16", "--out", out])
+    ck = engine.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["config"]["num_scenes"] == 1 and ck["config"]["resolution"] == 16 and "ema" not in ck["stage2"]
     capsys.readouterr()
     sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--reconstruct", data, "--out", str(tmp_path / "rec.png")])
     text = capsys.readouterr().out
@@ -303,11 +294,11 @@ def test_posed_pictures_train_and_reconstruct_from_a_stage_1_checkpoint(posed, t
 
 
 def test_look_at_takes_many_cameras_at_once():
-    # file 06's look_at on a batch of eyes equals it camera by camera, straight above included
+    # look_at on a batch of eyes equals it camera by camera, straight above included
     eyes = torch.tensor([[1.0, 2.0, 3.0], [0.0, 3.0, 0.0], [-2.0, -0.5, 1.0]])
-    many = G.look_at(eyes)
+    many = RM.look_at(eyes)
     for e, m in zip(eyes, many):
-        torch.testing.assert_close(m, G.look_at(e))
+        torch.testing.assert_close(m, RM.look_at(e))
     assert many.shape == (3, 4, 4)
 
 
@@ -319,13 +310,12 @@ def test_rays_with_alpha_carry_their_random_background_and_targets_use_it(posed,
     world = posed["c2w"].clone()
     world[:, :3, 3] *= 1.5
     p = str(tmp_path / "half.npz")
-    np.savez(p, images_rgba=rgba, poses=world.numpy(), focal=G.focal_from_fov(16, R.SCENE_FOV))
-    tr, _ = M.read_posed_scenes(p, 0)
-    data = M.stack_scenes(tr, "--data", p)
+    np.savez(p, images_rgba=rgba, poses=world.numpy(), focal=RM.focal_from_fov(16, R.SCENE_FOV))
+    tr, _ = readers.read_posed_scenes(p, 0)
+    data = readers.stack_scenes(tr, "--data", p)
     assert bool(data["alpha"])
-    NERF.configure({"samples_per_ray": 4, "view_size": 16})
-    _, rays, target = NERF.training_batch(data, torch.zeros(1, dtype=torch.long), 4000, torch.Generator().manual_seed(0),
-                                          "cpu")
+    mod = Nf.NerfModality(settings("nerf", samples_per_ray=4, resolution=16))
+    _, rays, target = mod.training_batch(data, torch.zeros(1, dtype=torch.long), 4000, torch.Generator().manual_seed(0))
     bg = rays[..., 8:11]
     assert bg.std() > 0.3  # random colours, not white
     # which rays went through a transparent pixel: those whose target is their background exactly

@@ -21,19 +21,15 @@ import numpy as np
 import pytest
 import torch
 
+import engine
+import readers
+from conftest import TINY, settings, small_data
+
 M = importlib.import_module("05_modalities")
 train = importlib.import_module("train")
 sample = importlib.import_module("sample")
-from test_drivers import TINY  # noqa: E402  (the tiny model flags, shared with the driver tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def small_synthetic(monkeypatch):
-    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_train", 32)
-    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_val", 8)
-    torch.set_num_threads(1)
 
 
 def tensors(tree, prefix=""):
@@ -88,11 +84,8 @@ def reference(tmp_path_factory):
     """Six steps of each stage in one go (one thread, like the tests: sums in another order differ)."""
     torch.set_num_threads(1)
     out = str(tmp_path_factory.mktemp("ref") / "r")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(M.MODALITIES["image"], "synthetic_train", 32)
-    mp.setattr(M.MODALITIES["image"], "synthetic_val", 8)
-    train.main(TINY + ["--steps", "6", "--out", out])
-    mp.undo()
+    with small_data():
+        train.main(TINY + ["--steps", "6", "--out", out])
     return os.path.join(out, "ckpt.pt")
 
 
@@ -132,16 +125,16 @@ def test_killed_run_resumes_from_its_last_checkpoint_exactly(reference, tmp_path
 SAVER = """
 import importlib, sys, torch
 sys.path.insert(0, {repo!r})
-train = importlib.import_module("train")
+engine = importlib.import_module("engine")
 state = {{"config": {{"modality": "image", "preset": "tiny"}}, "stage1": {{"step": 2}}, "big": torch.randn(8_000_000)}}
 while True:
-    train.save_checkpoint(state, {path!r})
+    engine.save_checkpoint(state, {path!r})
 """
 
 
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"config": {"modality": "image", "preset": "tiny"}, "stage1": {"step": 1}}, path)
+    engine.save_checkpoint({"config": {"modality": "image", "preset": "tiny"}, "stage1": {"step": 1}}, path)
     child = subprocess.Popen([sys.executable, "-c", SAVER.format(repo=REPO, path=path)])
     try:
         deadline = time.time() + 60
@@ -151,7 +144,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    ck = train.load_checkpoint(path)  # the old one, or a complete newer one: never a torn file
+    ck = engine.load_checkpoint(path)  # the old one, or a complete newer one: never a torn file
     assert ck["stage1"]["step"] in (1, 2)
 
 
@@ -172,22 +165,21 @@ def test_sigint_saves_and_says_how_to_resume(tmp_path):
         pytest.fail("train.py did not stop within 60 s of Ctrl-C")
     assert child.returncode == 130, "".join(lines)
     assert f"python train.py --out {out} --resume" in lines[-1]
-    ck = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ck = engine.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["stage1"]["step"] >= 2 and not ck["stage1"].get("done")
 
 
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch):
     out = str(tmp_path / "r")
-    mod = M.MODALITIES["image"]
     poisoned = {"on": False}
 
-    def recon(pred, target):  # the Laplace term of 05, turned to NaN from its third call on
-        value = type(mod).recon(pred, target)
+    def recon(self, pred, target):  # the Laplace term of 05, turned to NaN from its third call on
+        value = M.Modality.recon(self, pred, target)
         return value * float("nan") if poisoned["on"] else value
-    monkeypatch.setattr(mod, "recon", once_at_call(3, lambda: poisoned.update(on=True))(recon), raising=False)
+    monkeypatch.setattr(M.ImageModality, "recon", once_at_call(3, lambda: poisoned.update(on=True))(recon))
     with pytest.raises(SystemExit, match=r"stage 1, step 2: the reconstruction term of the loss is not finite"):
         train.main(TINY + ["--steps", "6", "--out", out])
-    ck = train.load_checkpoint(os.path.join(out, "ckpt.pt"))  # the checkpoint of step 2 is intact
+    ck = engine.load_checkpoint(os.path.join(out, "ckpt.pt"))  # the checkpoint of step 2 is intact
     assert ck["stage1"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["stage1"]["vae"].values())
     # stage 2, on the same run once stage 1 is fixed
@@ -327,12 +319,12 @@ def test_images_of_any_size_grey_rgba_and_16_bit_load(tmp_path):
     expected = {"rgb8_20x30": (10, 200, 90), "grey8_17x17": (77, 77, 77), "rgba8_12x9": (255, 0, 128),
                 "grey16_15x40": (156, 156, 156), "rgb16_33x20": (255, 0, 117)}
     for name, colour in expected.items():
-        x = M.read_image(str(folder / f"{name}.png"), 16)
+        x = readers.read_image(str(folder / f"{name}.png"), 16)
         assert x.shape == (3, 16, 16) and x.dtype == torch.uint8, name
         got = x.flatten(1).float()
         assert (got.min(1).values == got.max(1).values).all(), name  # still constant after crop and resize
         assert torch.allclose(got[:, 0], torch.tensor(colour, dtype=torch.float), atol=1), (name, got[:, 0])
-    train_set, val_set, _ = M.MODALITIES["image"].load(str(folder), 16, val_fraction=0.2)
+    train_set, val_set, _ = M.modality(settings(resolution=16, val_fraction=0.2)).load(str(folder))
     assert train_set["x"].shape == (4, 3, 16, 16) and val_set["x"].shape == (1, 3, 16, 16)
 
 
@@ -345,9 +337,9 @@ def test_an_npz_of_images_loads_like_the_same_images_as_files(tmp_path):
     (tmp_path / "grey").mkdir()
     for i, im in enumerate(grey):
         write_png(tmp_path / "grey" / f"{i}.png", im)
-    from_npz = M.read_images(str(tmp_path / "grey.npz"), 16)
-    assert from_npz.shape == (5, 3, 16, 16) and torch.equal(from_npz, M.read_images(str(tmp_path / "grey"), 16))
-    from_float = M.read_images(str(tmp_path / "colour.npz"), 20)  # same size: no resampling
+    from_npz = readers.read_images(str(tmp_path / "grey.npz"), 16)
+    assert from_npz.shape == (5, 3, 16, 16) and torch.equal(from_npz, readers.read_images(str(tmp_path / "grey"), 16))
+    from_float = readers.read_images(str(tmp_path / "colour.npz"), 20)  # same size: no resampling
     assert torch.equal(from_float, torch.from_numpy(np.round(colour * 255).astype(np.uint8)).permute(0, 3, 1, 2))
-    train_set, val_set, _ = M.MODALITIES["image"].load(str(tmp_path / "grey.npz"), 16, val_fraction=0.2)
+    train_set, val_set, _ = M.modality(settings(resolution=16, val_fraction=0.2)).load(str(tmp_path / "grey.npz"))
     assert len(train_set["x"]) == 4 and len(val_set["x"]) == 1

@@ -8,7 +8,6 @@ from torch.distributions import Normal, kl_divergence
 I = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
 H = importlib.import_module("03_hdbf_cfc")
-M = importlib.import_module("05_modalities")
 
 
 def small_vae(z_ch=2, field_ch=4, ch=8, seed=0):
@@ -120,7 +119,7 @@ def test_render_shape_and_equals_query_on_coord_grid():
 
 def test_elbo_loss_terms():
     vae = small_vae(seed=1)
-    x = M.synthetic_images(M.synthetic_params(2, seed=0), 16, 16)
+    x = I.synthetic_images(I.synthetic_params(2, seed=0), 16, 16)
     coords, target = V.random_pixels(x, 64, generator=torch.Generator().manual_seed(0))
     lam, D = 0.3, x[0].numel()
     torch.manual_seed(5)
@@ -145,16 +144,7 @@ def test_elbo_loss_terms():
         assert sum(p.grad.abs().sum() for p in part.parameters() if p.grad is not None) > 0, name
 
 
-@pytest.fixture
-def one_thread():
-    # the overfit run is ~10x slower with 2 threads when another process is busy on the same 2 cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_overfit_one_image(one_thread):
+def test_overfit_one_image():
     """A D2C-VAE (HDBF + CFC) fits one synthetic 32x32 image through the whole encode-decode-query path.
 
     Measured (torch 2.13 CPU, 1 thread, ~6 s): 10.2 dB untrained, 39.8 dB after 300 full-batch Adam
@@ -163,7 +153,7 @@ def test_overfit_one_image(one_thread):
     separates them.
     """
     torch.manual_seed(0)
-    x = M.synthetic_images(M.synthetic_params(1, seed=0), 32, 32)  # (1, 3, 32, 32)
+    x = I.synthetic_images(I.synthetic_params(1, seed=0), 32, 32)  # (1, 3, 32, 32)
     Z = 4
     decoder, readout = H.build_decoder_readout("hdbf_cfc", Z, field_ch=16, out_ch=3, ch=16)
     vae = V.D2CVAE(V.ConvEncoder(3, Z, ch=16), decoder, readout)

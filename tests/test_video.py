@@ -1,4 +1,4 @@
-"""The video modality of 05_modalities.py: (x, y, t) planes, synthetic clips, clip readers, GIFs,
+"""The video modality (06_video.py): (x, y, t) planes, synthetic clips, clip readers, GIFs,
 a clip overfit and rendered between its frames, and train.py / sample.py end to end on videos."""
 import importlib
 import os
@@ -9,27 +9,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
+import figures
+import readers
+from conftest import small_data
+
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
-M = importlib.import_module("05_modalities")
+Vi = importlib.import_module("06_video")
 train = importlib.import_module("train")
 sample = importlib.import_module("sample")
 
-VIDEO = M.MODALITIES["video"]
 TINY = ["--modality", "video", "--resolution", "16", "--frames", "4", "--batch-size", "2", "--coords-per-item", "256",
         "--z-ch", "2", "--enc-ch", "8", "--field-ch", "4", "--mlp-hidden", "16", "--ldm-ch", "16", "--ldm-batch", "4",
         "--steps", "3", "--sample-steps", "2", "--sampler", "ddim", "--log-every", "1", "--ckpt-every", "2"]
 
 
-@pytest.fixture(autouse=True)
-def small(monkeypatch):
-    monkeypatch.setattr(VIDEO, "synthetic_train", 8)
-    monkeypatch.setattr(VIDEO, "synthetic_val", 2)
-    torch.set_num_threads(1)
-
-
 def test_video_grid_is_x_y_t_at_voxel_centres():
-    g = M.video_grid(4, 2, 3)  # (T, H, W, 3)
+    g = Vi.video_grid(4, 2, 3)  # (T, H, W, 3)
     assert g.shape == (4, 2, 3, 3)
     torch.testing.assert_close(g[2, 1, 0], torch.tensor([-2 / 3, 0.5, 0.25]))  # x of column 0 of 3, y of row 1 of 2, t of frame 2 of 4
 
@@ -49,7 +46,7 @@ def test_collapse_volume_puts_each_axis_where_the_lookup_reads_it():
     t, y, x = torch.meshgrid(torch.arange(T).float(), torch.arange(H).float(), torch.arange(W).float(),
                              indexing="ij")
     vol = torch.stack([x, y, t])[None]  # (1, 3 channels, T, H, W): channel 0 = x index, 1 = y, 2 = t
-    xy, xt, yt = M.collapse_volume(vol)[0]  # each (3, 4, 4): (channel, height, width)
+    xy, xt, yt = Vi.collapse_volume(vol)[0]  # each (3, 4, 4): (channel, height, width)
     cols, rows = torch.arange(4.0).expand(4, 4), torch.arange(4.0)[:, None].expand(4, 4)
     # xy: x along the width, y along the height; xt: x along the width, t along the height; yt: y along the width
     assert torch.equal(xy[0], cols) and torch.equal(xy[1], rows)
@@ -58,22 +55,22 @@ def test_collapse_volume_puts_each_axis_where_the_lookup_reads_it():
 
 
 def test_synthetic_clips_move_and_frame_zero_matches_the_analytic_render():
-    p = M.synthetic_video_params(3, seed=1)
-    clips = M.synthetic_clips(p, 8, 16, 16)  # (3, 3, 8, 16, 16)
+    p = Vi.synthetic_video_params(3, seed=1)
+    clips = Vi.synthetic_clips(p, 8, 16, 16)  # (3, 3, 8, 16, 16)
     assert clips.shape == (3, 3, 8, 16, 16) and clips.abs().max() <= 1
     assert (clips[:, :, 0] - clips[:, :, -1]).abs().mean() > 0.01  # things move
     # frame k is the analytic render at t_k = -1 + (2k + 1) / T
     c = torch.cat([inr.coord_grid(16, 16).reshape(1, -1, 2), torch.full((1, 256, 1), -1 + 1 / 8)], -1).expand(3, -1, -1)
-    torch.testing.assert_close(clips[:, :, 0], M.synthetic_render(p, c).reshape(3, 16, 16, 3).permute(0, 3, 1, 2))
+    torch.testing.assert_close(clips[:, :, 0], inr.synthetic_render(p, c).reshape(3, 16, 16, 3).permute(0, 3, 1, 2))
     # with velocity 0 every frame is the still image
     p["velocity"].zero_()
-    still = M.synthetic_clips(p, 4, 16, 16)
+    still = Vi.synthetic_clips(p, 4, 16, 16)
     assert torch.equal(still[:, :, 0], still[:, :, 3])
 
 
 def test_random_voxels_read_the_clip_at_their_coordinates():
     clips = torch.randn(2, 3, 4, 5, 6)
-    coords, target = M.random_voxels(clips, 30, torch.Generator().manual_seed(0))
+    coords, target = V.random_samples(clips, Vi.video_grid(4, 5, 6).reshape(-1, 3), 30, torch.Generator().manual_seed(0))
     k = ((coords[..., 2] + 1) * 4 - 1) / 2  # frame index from t
     i = ((coords[..., 1] + 1) * 5 - 1) / 2
     j = ((coords[..., 0] + 1) * 6 - 1) / 2
@@ -99,12 +96,12 @@ def test_clip_folder_and_clip_array_read_the_same(tmp_path):
     matplotlib.image.imsave(str(tmp_path / "folder" / "short" / "f0.png"), clips[0, 0])
     np.savez(tmp_path / "c.npz", clips=clips)
     np.save(tmp_path / "c.npy", clips)
-    a = M.read_clips(str(tmp_path / "folder"), 4, 8)
+    a = readers.read_clips(str(tmp_path / "folder"), 4, 8)
     assert a.shape == (3, 3, 4, 8, 8) and a.dtype == torch.uint8
-    assert torch.equal(a, M.read_clips(str(tmp_path / "c.npz"), 4, 8))
-    assert torch.equal(a, M.read_clips(str(tmp_path / "c.npy"), 4, 8))
+    assert torch.equal(a, readers.read_clips(str(tmp_path / "c.npz"), 4, 8))
+    assert torch.equal(a, readers.read_clips(str(tmp_path / "c.npy"), 4, 8))
     # no resizing at the cropped size: exactly the pixels, channels first, frames in order
-    exact = M.read_clips(str(tmp_path / "c.npz"), 5, 12)
+    exact = readers.read_clips(str(tmp_path / "c.npz"), 5, 12)
     assert torch.equal(exact, torch.from_numpy(clips[:, :, :, 2:14]).permute(0, 4, 1, 2, 3))
 
 
@@ -113,7 +110,7 @@ def test_clip_folder_and_clip_array_read_the_same(tmp_path):
     (lambda p: np.savez(p, clips=np.zeros((2, 8, 8, 8, 2), np.uint8)), "expected clips (n, T, H, W, 3)"),
     (lambda p: np.savez(p, clips=np.full((2, 8, 8, 8, 3), 2.0)), "uint8 or float in [0, 1]"),
     (lambda p: np.savez(p, a=np.zeros(3), b=np.zeros(3)), "expected an array named 'clips'"),
-    (lambda p: open(p, "w").write("not an npz"), "cannot read this array"),
+    (lambda p: open(p, "w").write("not an npz"), "cannot read this .npz"),
 ])
 def test_bad_clip_arrays_are_one_line_errors(tmp_path, make, says):
     path = str(tmp_path / "bad.npz")
@@ -128,9 +125,9 @@ def test_bad_clip_arrays_are_one_line_errors(tmp_path, make, says):
 def test_clip_folder_errors_name_the_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"empty: no clip with 4 frames or more \(found 0 clip folder"):
-        M.read_clips(str(tmp_path / "empty"), 4, 8)
+        readers.read_clips(str(tmp_path / "empty"), 4, 8)
     with pytest.raises(SystemExit, match="not a folder or an .npz/.npy file"):
-        M.read_clips(str(tmp_path / "missing"), 4, 8)
+        readers.read_clips(str(tmp_path / "missing"), 4, 8)
 
 
 def test_write_clips_gif_plays_every_frame_and_strip_is_written(tmp_path):
@@ -140,7 +137,7 @@ def test_write_clips_gif_plays_every_frame_and_strip_is_written(tmp_path):
     # each frame one flat colour, different per frame, so no two GIF frames are merged
     clip = torch.linspace(-1, 1, T)[None, None, :, None, None].expand(2, 3, T, 8, 8).contiguous()
     half = clip[:, :, ::2]  # a row with half the frames plays along
-    M.write_clips([clip, half], str(tmp_path / "v.png"), ["full", "half"], "title")
+    figures.write_clips([clip, half], str(tmp_path / "v.png"), ["full", "half"], "title")
     gif = Image.open(tmp_path / "v.gif")
     assert gif.n_frames == T
     assert os.path.getsize(tmp_path / "v.png") > 0 and not any(p.name.endswith(".tmp.gif") for p in tmp_path.iterdir())
@@ -148,24 +145,24 @@ def test_write_clips_gif_plays_every_frame_and_strip_is_written(tmp_path):
 
 def test_one_clip_overfits_and_renders_between_its_frames():
     torch.manual_seed(0)
-    cfg = train.parse_config(TINY + ["--resolution", "16", "--frames", "8", "--field-ch", "8", "--mlp-hidden", "32",
-                                     "--z-ch", "4", "--enc-ch", "16"])[0]
-    vae = VIDEO.build_vae(cfg)
-    p = M.synthetic_video_params(1, seed=3)
-    clip = M.synthetic_clips(p, 8, 16, 16)  # (1, 3, 8, 16, 16)
+    mod = Vi.VideoModality(config.parse(TINY + ["--resolution", "16", "--frames", "8", "--field-ch", "8",
+                                                "--mlp-hidden", "32", "--z-ch", "4", "--enc-ch", "16"], "")[0])
+    vae = mod.build_vae()
+    p = Vi.synthetic_video_params(1, seed=3)
+    clip = Vi.synthetic_clips(p, 8, 16, 16)  # (1, 3, 8, 16, 16)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for step in range(250):
-        coords, target = M.random_voxels(clip, 1024, g)
-        loss = V.elbo_loss(vae, clip, coords, target, 1e-6, clip.numel(), VIDEO.recon)["loss"]
+        coords, target = V.random_samples(clip, Vi.video_grid(8, 16, 16).reshape(-1, 3), 1024, g)
+        loss = V.elbo_loss(vae, clip, coords, target, 1e-6, clip.numel(), mod.recon)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         fields = vae.decode(vae.encode(clip).mean)
-        at_frames = VIDEO.render(vae, fields, 16, 8)
-        between = VIDEO.render(vae, fields, 16, 16)  # 2x the frame rate: 8 of the 16 times are new
-    truth16 = M.synthetic_clips(p, 16, 16, 16)
+        at_frames = mod.render(vae, fields, (8, 16, 16))
+        between = mod.render(vae, fields, (16, 16, 16))  # 2x the frame rate: 8 of the 16 times are new
+    truth16 = Vi.synthetic_clips(p, 16, 16, 16)
     fit = inr.psnr(at_frames, clip)
     assert fit > 24
     # at 2x the frame rate, against the analytic clip at those times: as good as at the training frames
@@ -178,11 +175,8 @@ def test_one_clip_overfits_and_renders_between_its_frames():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("video") / "r")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(VIDEO, "synthetic_train", 8)
-    mp.setattr(VIDEO, "synthetic_val", 2)
-    train.main(TINY + ["--out", out])
-    mp.undo()
+    with small_data():
+        train.main(TINY + ["--out", out])
     return out
 
 
@@ -190,7 +184,7 @@ def test_train_and_sample_videos_write_gifs(run, tmp_path, capsys):
     for name in ("ckpt.pt", "recon.png", "recon.gif", "samples.png", "samples.gif"):
         assert os.path.getsize(os.path.join(run, name)) > 0, name
     out = str(tmp_path / "s.png")
-    sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--steps", "2", "--resolution", "8,16",
+    sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--sample-steps", "2", "--resolution", "8,16",
                  "--frames", "7", "--out", out])
     from PIL import Image
 
@@ -198,11 +192,11 @@ def test_train_and_sample_videos_write_gifs(run, tmp_path, capsys):
     sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--reconstruct", "synthetic", "--n", "2", "--frames", "8",
                  "--out", str(tmp_path / "r.png")])
     text = capsys.readouterr().out
-    assert "16x16, 8 frames: mean PSNR" in text and "trilinear interpolation of the 16x16, 4-frame" in text
+    assert "16x16, 8 frames: mean PSNR" in text and "trilinear interpolation of the 16x16, 4 frames reconstruction" in text
 
 
 def test_a_primitive_moves_by_velocity_times_t():
-    p = M.synthetic_video_params(1, seed=0)
+    p = Vi.synthetic_video_params(1, seed=0)
     p["label"][:] = 0  # discs
     p["centre"][0] = torch.tensor([[5.0, 5.0], [5.0, 5.0], [-0.3, 0.1]])  # only the last disc in view
     p["size"][0, 2], p["velocity"][0, 2] = 0.2, torch.tensor([0.25, -0.1])
@@ -210,5 +204,5 @@ def test_a_primitive_moves_by_velocity_times_t():
         centre = torch.tensor([-0.3, 0.1]) + torch.tensor([0.25, -0.1]) * t  # centre(t) = centre + velocity t
         inside = torch.tensor([[[*centre, t]]])
         outside = torch.tensor([[[*(centre - torch.tensor([0.3, 0.0])), t]]])  # 0.3 left of it: beyond the radius
-        torch.testing.assert_close(M.synthetic_render(p, inside)[0, 0], p["colour"][0, 2], atol=1e-4, rtol=0)
-        assert (M.synthetic_render(p, outside)[0, 0] - p["colour"][0, 2]).abs().max() > 0.05
+        torch.testing.assert_close(inr.synthetic_render(p, inside)[0, 0], p["colour"][0, 2], atol=1e-4, rtol=0)
+        assert (inr.synthetic_render(p, outside)[0, 0] - p["colour"][0, 2]).abs().max() > 0.05

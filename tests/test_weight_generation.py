@@ -1,16 +1,16 @@
-"""File 08: mNIF and the hyper-transformer against hand-built SIRENs, overfits, and train.py --from."""
+"""File 12: mNIF and the hyper-transformer against hand-built SIRENs, overfits, and train.py --from."""
 import importlib
 import math
 import os
 
 import pytest
 import torch
+from conftest import TINY
 
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
 Hd = importlib.import_module("03_hdbf_cfc")
-M = importlib.import_module("05_modalities")
-W = importlib.import_module("08_weight_generation")
+W = importlib.import_module("12_weight_generation")
 train = importlib.import_module("train")
 sample = importlib.import_module("sample")
 
@@ -97,7 +97,7 @@ def test_each_decoder_overfits_one_image(decoder, threshold):
     # Measured (300 steps, seed 0): ddmi 36.5, mnif 36.0, hyper 34.3 dB; its mean colour gives 15.2 dB.
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    x = M.synthetic_images(M.synthetic_params(1, seed=3), 32, 32)  # (1, 3, 32, 32)
+    x = inr.synthetic_images(inr.synthetic_params(1, seed=3), 32, 32)  # (1, 3, 32, 32)
     encoder = V.ConvEncoder(3, 4)
     if decoder == "ddmi":
         vae = V.D2CVAE(encoder, *Hd.build_decoder_readout("hdbf_cfc", 4, 16, 3))
@@ -116,19 +116,7 @@ def test_each_decoder_overfits_one_image(decoder, threshold):
 
 
 # -- train.py --decoder X --from RUN: a new decoder on a frozen latent space ---------------
-TINY = ["--modality", "image", "--resolution", "16", "--batch-size", "4", "--z-ch", "2", "--enc-ch", "8",
-        "--field-ch", "4", "--mlp-hidden", "16", "--ldm-ch", "16", "--ldm-batch", "8", "--steps", "4",
-        "--sample-steps", "2", "--sampler", "ddim", "--log-every", "2", "--ckpt-every", "2"]
-
-
-@pytest.fixture
-def small_synthetic(monkeypatch):
-    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_train", 32)
-    monkeypatch.setattr(M.MODALITIES["image"], "synthetic_val", 8)
-    torch.set_num_threads(1)
-
-
-def test_hyper_transforming_keeps_encoder_and_diffusion_model(small_synthetic, tmp_path, capsys):
+def test_hyper_transforming_keeps_encoder_and_diffusion_model(tmp_path, capsys):
     src, new = str(tmp_path / "ddmi"), str(tmp_path / "hyper")
     train.main(TINY + ["--out", src])
     train.main(["--decoder", "hyper", "--from", src, "--out", new, "--steps", "3", "--log-every", "1"])
@@ -143,12 +131,12 @@ def test_hyper_transforming_keeps_encoder_and_diffusion_model(small_synthetic, t
     assert any(k.startswith("decoder.tokens") for k in b["stage1"]["vae"])
     assert os.path.getsize(os.path.join(new, "samples.png")) > 0
     # sample.py: the old diffusion model, the new decoder
-    rows = sample.main(["--ckpt", os.path.join(new, "ckpt.pt"), "--n", "2", "--steps", "2", "--resolution", "16,32",
+    rows = sample.main(["--ckpt", os.path.join(new, "ckpt.pt"), "--n", "2", "--sample-steps", "2", "--resolution", "16,32",
                         "--out", str(tmp_path / "s.png")])
     assert [r.shape for r in rows] == [(2, 3, 16, 16), (2, 3, 32, 32)] and all(torch.isfinite(r).all() for r in rows)
 
 
-def test_from_refusals(small_synthetic, tmp_path):
+def test_from_refusals(tmp_path):
     src = str(tmp_path / "ddmi")
     with pytest.raises(SystemExit, match="no such checkpoint"):
         train.main(["--decoder", "mnif", "--from", src, "--out", str(tmp_path / "x")])

@@ -1,4 +1,4 @@
-"""08 - The road not taken: generating the INR's weights instead of its positional embeddings.
+"""12 - The road not taken: generating the INR's weights instead of its positional embeddings.
 
 The concept (DDMI, Park et al. ICLR 2024, Sec. 1 and Fig. 3; the baselines it argues against)
 --------------------------------------------------------------------------------------------
@@ -73,19 +73,16 @@ inr = importlib.import_module("01_inr")
 vae_lib = importlib.import_module("02_d2c_vae")
 
 DECODERS = ("ddmi", "mnif", "hyper")
-# SIREN's w0, for both baselines. Sitzmann et al. use 30 for one signal; across a dataset of
-# 2000 synthetic 32x32 images (seed 0, lr 1e-3, batch 16) w0 = 30 left mNIF at the mean image
-# (14.4 dB after 1500 steps) while w0 = 10 reached 17.4 / 18.3 / 19.1 dB after 600 / 1200 / 3000.
+# SIREN's w0, for both baselines. Sitzmann et al. use 30 for one signal; across a dataset the
+# higher frequencies of w0 = 30 left mNIF at the mean image, w0 = 10 learns (docs/claims.md).
 W0 = 10.0
 ALPHA_INIT_STD = 0.1  # std of A' in mNIF's alpha = (A' vec(z) / sqrt(D) + 1) / K
 # The hyper-transformer's start. With the usual small init (positions and weight tokens
 # ~N(0, 0.02^2), default query projection) the cross-attention starts uniform: every weight
 # token reads the same average of the latent tokens, so z can only rescale the rows of each
-# base W (the same w_o for every column group) and the decoder sits at the mean image. On
-# frozen DDMI latents (2000 synthetic 32x32, lr 1e-3) it stayed at 14.4 dB for 1500 steps and
-# left that plateau only near 2250. Unit-scale positions and tokens, and a query projection
-# TOKEN_ATTN_GAIN times the default, make the attention differ per token from step 0: 16.4 dB
-# at 500 steps, 17.2 at 1000 (gain 3: 16.9; gain 1 with unit tokens: 16.4 at 1000).
+# base W (the same w_o for every column group) and the decoder sits at the mean image.
+# Unit-scale positions and tokens, and a query projection TOKEN_ATTN_GAIN times the default,
+# make the attention differ per token from step 0 (docs/claims.md measures the gain).
 TOKEN_ATTN_GAIN = 5.0
 
 
@@ -140,18 +137,16 @@ class MNIFGenerator(nn.Module):
             siren_init_(W, b, first=l == 0, w0=w0)
             # At alpha = 1/K the mix is the mean of K independent inits, whose spread is
             # 1/sqrt(K) of one SIREN's; scaling the bases by sqrt(K) gives the starting mix
-            # the SIREN's own spread (our choice; measured at w0 = 30 on 4 images, 300 steps: 36.4 dB
-            # with it, 31.8 dB without: the mix starts too smooth).
+            # the SIREN's own spread (our choice: without it the mix starts too smooth).
             with torch.no_grad():
                 W.mul_(math.sqrt(num_bases))
                 b.mul_(math.sqrt(num_bases))
         # alpha = A vec(z) + a, written as alpha = (A' vec(z) / sqrt(D) + a') / K with a' = 1,
         # so a starts at 1/K. The fixed factors are for Adam, which moves every parameter by
-        # about lr per step whatever its scale: with A itself a parameter, one step moved
-        # alpha by ~lr * sum |z| (0.2 at lr 1e-3, three times its size 1/K) and the mix
-        # jumped between unrelated networks (measured at w0 = 30: 4 images stuck at 14 dB). A' starts
-        # small, so each item's mix starts near the mean network: at std 1.0 / 0.3 / 0.1 / 0
-        # the 4 images reach 12.5 / 20.9 / 36.4 / 36.2 dB in 300 steps.
+        # about lr per step whatever its scale: with A itself a parameter, one step would move
+        # alpha by ~lr * sum |z| (0.2 at lr 1e-3, three times its size 1/K) and the mix would
+        # jump between unrelated networks. A' starts small (ALPHA_INIT_STD), so each item's
+        # mix starts near the mean network.
         self.to_alpha = nn.Linear(D, num_bases * L)
         nn.init.normal_(self.to_alpha.weight, std=ALPHA_INIT_STD)
         nn.init.ones_(self.to_alpha.bias)
@@ -332,11 +327,11 @@ if __name__ == "__main__":
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    M, Hd = importlib.import_module("05_modalities"), importlib.import_module("03_hdbf_cfc")
+    Hd = importlib.import_module("03_hdbf_cfc")
     R, K, Z, steps = 32, 256, 4, 300
-    train = M.synthetic_images(M.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R)
-    val = M.synthetic_images(M.synthetic_params(64, seed=1), R, R)  # unseen images
-    gt64 = M.synthetic_images(M.synthetic_params(64, seed=1), 2 * R, 2 * R)  # exact at 64x64
+    train = inr.synthetic_images(inr.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R), file 01
+    val = inr.synthetic_images(inr.synthetic_params(64, seed=1), R, R)  # unseen images
+    gt64 = inr.synthetic_images(inr.synthetic_params(64, seed=1), 2 * R, 2 * R)  # exact at 64x64
     rows = [val[:6]]
     for name in DECODERS:
         torch.manual_seed(0)  # the same encoder initialisation, batches and coordinates for each
@@ -372,5 +367,5 @@ if __name__ == "__main__":
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name)
     fig.suptitle(f"unseen images and reconstructions after {steps} steps, three decoders")
-    fig.savefig("out/08_weight_generation.png", dpi=100)
-    print("wrote out/08_weight_generation.png")
+    fig.savefig("out/12_weight_generation.png", dpi=100)
+    print("wrote out/12_weight_generation.png")

@@ -1,4 +1,4 @@
-"""07 - Volume rendering: pictures of a tri-plane radiance field (NeRF, paper Sec. 4.2).
+"""10 - Volume rendering: pictures of a tri-plane radiance field (NeRF, paper Sec. 4.2).
 
 The concept
 -----------
@@ -10,18 +10,18 @@ direction d). A pixel is the light arriving along the ray r(t) = o + t d through
     C(r) = int_near^far T(t) sigma(r(t)) c(r(t), d) dt + T(far) * background,
     T(t) = exp(-int_near^t sigma(r(s)) ds)   (the transmittance: the share that gets through)
 
-DDMI generates such fields exactly as it generates shapes (file 05): a tri-plane latent,
-HDBF basis fields per plane (file 03) and a read-out MLP. Only two things are new, and
-this file holds both, written out step by step:
+DDMI generates such fields exactly as it generates shapes (file 09): a tri-plane latent,
+HDBF basis fields per plane (file 03) and a read-out MLP. The cameras and rays are file 08's
+(pinhole, OpenGL convention); what is new here is written out step by step:
 
-  1. the camera: rays from a pinhole camera (OpenGL convention, as file 06's ray marcher),
-     clipped to the cube [-1, 1]^3 where the field lives;
-  2. the integral above, by quadrature: stratified samples, alpha compositing, a background.
+  1. where to sample: each ray clipped to the cube [-1, 1]^3 where the field lives;
+  2. the integral above, by quadrature: stratified samples, alpha compositing, a background;
+  3. the radiance head (density, then colour from the view direction) and the radiance field
+     VAE, whose query(fields, rays) returns pixel colours instead of field values.
 
 It also holds the synthetic scenes of the NeRF modality (coloured spheres and boxes whose
-pictures are known exactly from any pose, by ray intersection), and the radiance field
-VAE, whose query(fields, rays) returns pixel colours instead of field values. File 05's
-NeRF record turns all of this into a modality for train.py and sample.py.
+pictures are known exactly from any pose, by ray intersection). File 11 turns all of this
+into a modality for train.py and sample.py.
 
 Conventions: world and field coordinates agree ([-1, 1]^3, datasets are scaled into it
 when they are read); a camera-to-world matrix c2w has columns right, up, backwards (the
@@ -38,7 +38,6 @@ scene-contraction tricks for unbounded scenes).
 """
 import importlib
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -46,62 +45,21 @@ import torch.nn.functional as F
 
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
-G = importlib.import_module("06_geometry")
+RM = importlib.import_module("08_ray_marching")
 
 
 # ========================================================================================
-# 1. Cameras and rays
+# 1. Where to sample
 # ========================================================================================
-# A pinhole camera with focal length f (in pixels) and principal point (cx, cy) sends the
-# ray through the pixel centre (col + 0.5, row + 0.5) along the camera-space direction
-#
-#     d_cam = ((col + 0.5 - cx) / f,  -(row + 0.5 - cy) / f,  -1)
-#
-# (x to the right, y up while rows go down, and -z forwards: OpenGL, as Blender and the
-# NeRF-synthetic data). In the world it starts at the camera centre o = c2w[:3, 3] and
-# goes along d = R d_cam / |R d_cam|, R = c2w[:3, :3]. File 06's camera_rays does this for
-# every pixel of one camera; training needs a few thousand random pixels of many cameras,
-# so here every ray carries its own camera.
-def pixel_rays(c2w, intrinsics, rows, cols):
-    """Rays through pixel centres: c2w (..., 4, 4), intrinsics (..., 3) = (f, cx, cy) in pixels,
-    rows, cols (...) integer pixel indices -> origins (..., 3), unit directions (..., 3)."""
-    f, cx, cy = intrinsics.unbind(-1)
-    x = (cols + 0.5 - cx) / f
-    y = -(rows + 0.5 - cy) / f
-    d_cam = torch.stack([x, y, -torch.ones_like(x)], -1)  # (..., 3)
-    # d = R d_cam, one rotation per ray
-    d = (c2w[..., :3, :3] @ d_cam[..., None])[..., 0]
-    return c2w[..., :3, 3].expand_as(d), d / d.norm(dim=-1, keepdim=True)
-
-
-def orbit_c2w(azimuth_deg, elevation_deg, radius, up=(0.0, 1.0, 0.0)):
-    """Camera on a sphere around the origin, looking at it: (4, 4) c2w.
-
-    `up` is the world's up axis (y for the synthetic scenes, z for Blender scenes such as
-    NeRF-synthetic's); the azimuth turns around it, the elevation lifts the camera towards it.
-    """
-    up = torch.as_tensor(up, dtype=torch.float32)
-    up = up / up.norm()
-    # two unit vectors e1, e2 perpendicular to up (and to each other) span the horizon
-    helper = torch.tensor([1.0, 0.0, 0.0]) if up[0].abs() < 0.9 else torch.tensor([0.0, 0.0, 1.0])
-    e1 = torch.linalg.cross(up, helper)
-    e1 = e1 / e1.norm()
-    e2 = torch.linalg.cross(up, e1)
-    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
-    # eye = r (cos(el) (cos(az) e2 + sin(az) e1) + sin(el) up)
-    eye = radius * (math.cos(el) * (math.cos(az) * e2 + math.sin(az) * e1) + math.sin(el) * up)
-    return G.look_at(eye, (0.0, 0.0, 0.0), up)
-
-
 # Where to sample. The field exists only inside [-1, 1]^3 (outside it the density is zero), so
-# each ray is clipped to the cube (file 06's slab test) and, when a dataset gives its own near
+# each ray is clipped to the cube (file 08's slab test) and, when a dataset gives its own near
 # and far planes, to those too. A ray that misses the cube keeps an empty interval: it sees
 # only the background.
 def clip_rays(origins, dirs, near=0.0, far=math.inf):
     """-> t_near (...), t_far (...) of the part of each ray inside the cube and [near, far]
     (near, far: numbers, or tensors that broadcast to origins.shape[:-1])."""
     shape = origins.shape[:-1]
-    t0, t1, _ = G.ray_box(origins.reshape(-1, 3), dirs.reshape(-1, 3))
+    t0, t1, _ = RM.ray_box(origins.reshape(-1, 3), dirs.reshape(-1, 3))
     lo = torch.maximum(t0.reshape(shape), torch.as_tensor(near, dtype=t0.dtype))
     hi = torch.minimum(t1.reshape(shape), torch.as_tensor(far, dtype=t1.dtype))
     return lo, torch.maximum(hi, lo)  # empty interval: t_far = t_near
@@ -171,8 +129,8 @@ def make_rays(origins, dirs, samples, near=0.0, far=math.inf, background=1.0, ge
 # ========================================================================================
 # 3. The radiance field VAE
 # ========================================================================================
-# The tri-plane INR of file 05 (HDBF fields, sum of the three planes' embeddings, CFC
-# read-out) gives 1 + F numbers per point instead of one occupancy logit. The first becomes
+# The tri-plane INR (HDBF fields, the three planes' embeddings concatenated, CFC read-out)
+# gives 1 + F numbers per point instead of one occupancy logit. The first becomes
 # the density, the other F describe the material; as in NeRF, the view direction enters only
 # after the density (a point is as opaque from every side) through a small colour MLP:
 #
@@ -184,7 +142,7 @@ def make_rays(origins, dirs, samples, near=0.0, far=math.inf, background=1.0, ge
 # stops most light within one sample; the shift starts training from a faint fog rather
 # than an opaque block. The read-out MLP itself is nonlinear (ReLUs between all layers):
 # the original release's NeRF MLP had no activations, so it could only ever be a linear
-# function of the embedding (README, "NeRF", measures what that costs).
+# function of the embedding (docs/results.md measures what that costs).
 DENSITY_SCALE, DENSITY_SHIFT = 10.0, 2.0
 DIR_FREQS = 4
 
@@ -238,9 +196,9 @@ class RadianceFieldVAE(V.D2CVAE):
         B = c2w.shape[0]
         rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
         rows, cols = rows.reshape(1, -1).expand(B, -1), cols.reshape(1, -1).expand(B, -1)  # (B, HW)
-        o, d = pixel_rays(c2w[:, None], intrinsics[:, None], rows.to(c2w), cols.to(c2w))
+        o, d = RM.pixel_rays(c2w[:, None], intrinsics[:, None], rows.to(c2w), cols.to(c2w))
         rays = make_rays(o, d, samples, near, far)  # bin centres
-        out = torch.cat([self.query(fields, rays[:, i:i + chunk]) for i in range(0, rays.shape[1], chunk)], 1)
+        out = V.query_chunked(self, fields, rays, chunk)  # (B, HW, 3)
         return out.reshape(B, height, width, 3).permute(0, 3, 1, 2).clamp(-1, 1)
 
 
@@ -253,7 +211,7 @@ class RadianceFieldVAE(V.D2CVAE):
 # surface a ray meets is found in closed form:
 #   sphere (centre m, radius a):  |o + t d - m|^2 = a^2  ->  t = -b - sqrt(b^2 - q),
 #                                 b = d.(o - m), q = |o - m|^2 - a^2 (the nearer root);
-#   box (centre m, half sizes s): the slab test of file 06 on the box instead of the cube.
+#   box (centre m, half sizes s): the slab test of file 08 on the box instead of the cube.
 # The pixel is that point's colour, or the background when the ray meets nothing: an exact
 # picture from any camera, which is what a NeRF is trained and measured on. A NeRF of it is
 # a volume, so its picture is only as sharp as its density is steep (edges are slightly soft).
@@ -327,8 +285,8 @@ def random_cameras(shape, generator, radius=SCENE_RADIUS, fov=SCENE_FOV, size=64
     phi = torch.rand(shape, generator=generator) * 2 * math.pi
     r = (1 - z * z).sqrt()
     eyes = radius * torch.stack([r * torch.cos(phi), z, r * torch.sin(phi)], -1)
-    intr = torch.tensor([G.focal_from_fov(size, fov), size / 2, size / 2]).expand(*shape, 3)
-    return G.look_at(eyes), intr  # (file 06's look_at takes many cameras at once)
+    intr = torch.tensor([RM.focal_from_fov(size, fov), size / 2, size / 2]).expand(*shape, 3)
+    return RM.look_at(eyes), intr  # (file 08's look_at takes many cameras at once)
 
 
 def scene_points(params, num_points, generator):
@@ -354,41 +312,42 @@ def scene_points(params, num_points, generator):
 # Demo: render a synthetic scene exactly, and fit a radiance field to it from 24 pictures
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    import functools
     import time
 
-    M = importlib.import_module("05_modalities")
+    import figures
+
     Hd = importlib.import_module("03_hdbf_cfc")
     torch.manual_seed(0)
     params = synthetic_scene_params(1, seed=3)
     size, S = 48, 32
     g = torch.Generator().manual_seed(0)
     # a tri-plane of learnable fields (no encoder: one scene), the CFC read-out and the head
-    _, readout = Hd.build_decoder_readout("hdbf_cfc", 8, 16, 1 + 8, hidden=64, num_layers=4)
+    _, readout = Hd.build_decoder_readout("hdbf_cfc", 8, 16, 1 + 8, hidden=64, num_layers=4, embed_mult=3)
     fields = [nn.Parameter(torch.randn(1, 3, 16, r, r) * 0.1) for r in (16, 32, 64)]
-    import functools
-    vae = RadianceFieldVAE(None, None, readout, functools.partial(inr.triplane_lookup, combine="sum"), RadianceHead(8))
+    vae = RadianceFieldVAE(None, None, readout, functools.partial(inr.triplane_lookup, combine="concat"),
+                           RadianceHead(8))
     opt = torch.optim.Adam([*fields, *vae.parameters()], lr=5e-3)
     t0 = time.time()
     for step in range(300):
         c2w, intr = random_cameras((1, 1024), g, size=size)
         rows, cols = torch.randint(size, (2, 1, 1024), generator=g)
-        o, d = pixel_rays(c2w, intr, rows, cols)
+        o, d = RM.pixel_rays(c2w, intr, rows, cols)
         bg = torch.rand(o.shape, generator=g) * 2 - 1  # a random background per ray (see make_rays)
         pred = vae.query(fields, make_rays(o, d, S, background=bg, generator=g))
-        loss = (pred - scene_render(params, o, d, bg)).pow(2).mean()  # squared error (file 05's NeRF recon says why)
+        loss = (pred - scene_render(params, o, d, bg)).pow(2).mean()  # squared error (file 11's recon says why)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    views = torch.stack([orbit_c2w(60.0 * k, 25.0, SCENE_RADIUS) for k in range(6)])  # a turntable of 6
-    intr = torch.tensor([G.focal_from_fov(size, SCENE_FOV), size / 2, size / 2]).expand(6, 3)
+    views = torch.stack([RM.orbit_c2w(60.0 * k, 25.0, SCENE_RADIUS) for k in range(6)])  # a turntable of 6
+    intr = torch.tensor([RM.focal_from_fov(size, SCENE_FOV), size / 2, size / 2]).expand(6, 3)
     with torch.no_grad():
         pred = vae.render([f.expand(6, -1, -1, -1, -1) for f in fields], views, intr, size, size, 64)
         rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        o, d = pixel_rays(views[:, None], intr[:, None], rows.reshape(1, -1), cols.reshape(1, -1))
-        exact = scene_render(params.copy() | {k: v.expand(6, *v.shape[1:]) for k, v in params.items()}, o, d)
+        o, d = RM.pixel_rays(views[:, None], intr[:, None], rows.reshape(1, -1), cols.reshape(1, -1))
+        exact = scene_render({k: v.expand(6, *v.shape[1:]) for k, v in params.items()}, o, d)
         exact = exact.reshape(6, size, size, 3).permute(0, 3, 1, 2)
     print(f"300 steps of 1024 rays in {time.time() - t0:.0f} s: PSNR of 6 new views {inr.psnr(pred, exact):.2f} dB")
-    os.makedirs("out", exist_ok=True)
-    M.ImageModality.write_sheet([exact, pred], "out/07_volume_rendering.png", ["exact", "radiance field"],
-                                "a synthetic scene from six new viewpoints")
-    print("wrote out/07_volume_rendering.png")
+    figures.write_sheet([exact, pred], "out/10_volume_rendering.png", ["exact", "radiance field"],
+                        "a synthetic scene from six new viewpoints")
+    print("wrote out/10_volume_rendering.png")

@@ -1,29 +1,27 @@
-"""06 - Geometry: looking at and measuring generated 3D shapes.
+"""07 - Geometry: turning a generated occupancy field into a mesh, and measuring sets of shapes.
 
 The concept
 -----------
-File 05's shape modality makes occupancy functions: a tri-plane INR that gives a logit
-(> 0 inside) at any point of [-1, 1]^3. Three tools turn such a function into something a
-person or a paper can use, all written from scratch here:
+A shape INR (file 09) is an occupancy function: a tri-plane INR that gives a logit (> 0 inside)
+at any point of [-1, 1]^3. To use it outside the model, or to compare generated shapes with
+real ones as the papers do, two tools are needed, both written from scratch here:
 
-  1. a mesh (naive surface nets on a grid of logits) written as a Wavefront .obj, and
-     uniform points sampled on its surface;
-  2. a shaded picture by ray marching the function itself (no mesh needed), used by the
-     sample sheets of train.py and sample.py;
-  3. the metrics of 3D generative models (Achlioptas et al. 2018; PointFlow): Chamfer
+  1. a mesh: naive surface nets on a grid of logits, written as a Wavefront .obj, and uniform
+     points sampled on its surface;
+  2. the metrics of 3D generative models (Achlioptas et al. 2018; PointFlow): the Chamfer
      distance between point clouds, and MMD / COV / 1-NNA between a generated set and a
      reference set.
 
-Each section opens with its own derivation. Conventions are the project's: coordinates
-in [-1, 1]^3, x first; grid value[i, j, k] sits at the voxel centre
+Each section opens with its derivation. Conventions are the project's: coordinates in
+[-1, 1]^3, x first; grid value[i, j, k] sits at the voxel centre
 (-1 + (2i+1)/R, -1 + (2j+1)/R, -1 + (2k+1)/R); a value above the level means inside.
 
-Shape letters: B batch, N M points, R grid resolution (or rays, in the ray marcher),
-V vertices, F faces, H W image height and width, n m numbers of clouds in a set.
+Shape letters: R grid resolution, V vertices, F faces, K crossing grid edges, N M points per
+cloud, B batch of cloud pairs, n m numbers of clouds in a set.
 
-Left out on purpose: marching cubes (its 256-case table; surface nets needs none),
-mesh smoothing and decimation, and the EMD-based variants of MMD/COV (EMD needs an
-approximate optimal-transport solver; the Chamfer versions are the ones DDMI reports).
+Left out on purpose: marching cubes (its 256-case table; surface nets needs none), mesh
+smoothing and decimation, and the EMD-based variants of MMD/COV (EMD needs an approximate
+optimal-transport solver; the Chamfer versions are the ones DDMI reports).
 """
 import math
 import os
@@ -69,9 +67,6 @@ import torch
 # Helpers: mesh_area, mesh_volume (divergence theorem), sample_mesh_surface (uniform points on the
 # surface), write_obj (Wavefront OBJ, written atomically).
 #
-# Conventions: coordinates in [-1, 1]^3, x first; grid value[i, j, k] sits at the voxel centre
-# (-1 + (2i+1)/R, -1 + (2j+1)/R, -1 + (2k+1)/R); value > level means inside.
-# Shape letters: R grid resolution, V vertices, F faces, N sampled points, K crossing grid edges.
 # The 8 corners of a cell, as offsets (dx, dy, dz) from its lowest corner. Corner number
 # c = 4 dx + 2 dy + dz (binary), so corners differing by one bit share a cell edge.
 CELL_CORNERS = torch.tensor(
@@ -310,354 +305,6 @@ def write_obj(path, verts, faces):
     os.replace(tmp, path)
 
 
-# ========================================================================================
-# Ray-marched previews of occupancy fields
-# ========================================================================================
-# A generated 3D shape is an occupancy field: a function f(p) of a point p in [-1, 1]^3 whose
-# value is a logit, > 0 inside the shape and < 0 outside. To look at it we do not need a mesh:
-# for every pixel we shoot a ray from a pinhole camera and walk along it until f turns positive.
-#
-#   1. Camera. `look_at` builds the camera-to-world matrix of a camera at `eye` looking at
-#      `target`; `camera_rays` turns every pixel into a ray (origin, unit direction). OpenGL
-#      convention: in camera space the camera looks down its -z axis, +x is right and +y is
-#      up in the image (so image row 0, the top row, has the largest y).
-#   2. Where to march. A ray o + t d can only meet the shape inside the cube [-1, 1]^3; the
-#      slab method gives the interval [t_near, t_far] where it is inside the cube.
-#   3. March. `steps` evenly spaced samples from t_near to t_far (both included); the first
-#      sample with f > 0 is a hit. Between the last outside sample (f <= 0) and the first
-#      inside one (f > 0) the surface f = 0 is bracketed; `refine` bisection steps shrink the
-#      bracket by 2^refine, and a final linear interpolation of the two bracketing logits
-#      (the secant, or "regula falsi", step) places the crossing inside the small bracket.
-#   4. Normal. The logit grows inwards, so the outward surface normal is
-#         n = -grad f / |grad f|,
-#      with grad f from central finite differences, eps = 1/64 (half a voxel of a 64^3 grid).
-#   5. Shading (Lambert): colour = albedo * (ambient + diffuse * max(0, n . l)) with a fixed
-#      world light direction l; rays that miss the shape are white background. The image is
-#      returned in the project's range [-1, 1] (value = 2 * colour - 1).
-#
-# World "up" is +y: `render_occupancy` orbits the camera around the y axis (azimuth, measured
-# from +z towards +x) and raises it by the elevation angle towards +y. A caller whose shapes
-# have +z as up can permute the axes of the points inside its field callable.
-#
-# The field is a neural network in practice, so all its calls happen under torch.no_grad()
-# and on at most `chunk` points at a time; everything else is vectorised over rays and over
-# the batch (Python loops only over ray blocks, march steps, bisection steps and chunks).
-#
-# Shape letters: B batch (one field per item), R rays (pixels, H * W), N points, S march
-# steps, H W image height and width.
-# Default camera: a 3/4 view from above. From there the 8 corners of the cube [-1, 1]^3
-# project to x in [-0.52, 0.52], y in [-0.64, 0.40] (camera-plane units, tan of the angle; the
-# near bottom corner is closest to the camera, hence the asymmetry). A fov of 68 deg
-# (tan(34 deg) = 0.67) shows the whole cube: it spans 78% of the width and 77% of the height,
-# its lowest corner 6% of the half-height above the bottom edge.
-AZIMUTH_DEG = 45.0
-ELEVATION_DEG = 30.0
-DISTANCE = 3.2
-FOV_DEG = 68.0
-
-# Shading constants (colours in [0, 1] before mapping to [-1, 1]).
-ALBEDO = 0.8  # light grey
-AMBIENT = 0.3
-DIFFUSE = 0.7
-# Fixed world-space light direction (unit vector towards the light): above (+y), a bit
-# right (+x) and front (+z) of the shape, so the three faces of a cube seen from the default
-# view get three different shades.
-LIGHT_DIR = (0.4, 1.0, 0.7)
-BACKGROUND = 1.0  # white
-
-# Half a voxel of a 64^3 grid (a voxel is 2 / 64 wide): the finite-difference step.
-NORMAL_EPS = 1.0 / 64
-
-
-# ----------------------------------------------------------------------------------------
-# Camera
-# ----------------------------------------------------------------------------------------
-def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)):
-    """Camera-to-world matrix (4, 4) of a camera at `eye` looking at `target` (OpenGL).
-
-    eye, target, up: 3-vectors (tuples or tensors), or tensors (..., 3) for many cameras at
-    once (they broadcast; the result is then (..., 4, 4)). Columns of the result: camera x
-    (right), camera y (up in the image), camera z (pointing backwards: the camera looks down -z)
-    and the eye position; last row (0, 0, 0, 1). If `up` is parallel to the viewing direction a
-    different up vector is used (looking straight down or up).
-    """
-    device = eye.device if torch.is_tensor(eye) else None
-    eye = torch.as_tensor(eye, dtype=torch.float32, device=device)  # (..., 3)
-    target = torch.as_tensor(target, dtype=torch.float32, device=eye.device)
-    up = torch.as_tensor(up, dtype=torch.float32, device=eye.device)
-    eye, target, up = torch.broadcast_tensors(eye, target, up)
-    # forward = (target - eye) / |target - eye|: where the camera looks (its -z axis).
-    forward = target - eye
-    forward = forward / forward.norm(dim=-1, keepdim=True)
-    # right = forward x up / |forward x up| (camera +x); where up is parallel to forward, another
-    # up vector: -z, or +x if that is parallel too.
-    right = torch.linalg.cross(forward, up)
-    for alt in ((0.0, 0.0, -1.0), (1.0, 0.0, 0.0)):
-        other = torch.linalg.cross(forward, torch.tensor(alt, device=eye.device).expand_as(forward))
-        right = torch.where(right.norm(dim=-1, keepdim=True) < 1e-6, other, right)
-    right = right / right.norm(dim=-1, keepdim=True)
-    # true_up = right x forward (camera +y), orthogonal to both by construction.
-    true_up = torch.linalg.cross(right, forward)
-    c2w = torch.zeros(*eye.shape[:-1], 4, 4, device=eye.device)
-    c2w[..., :3, 0] = right
-    c2w[..., :3, 1] = true_up
-    # The camera looks down -z, so its +z axis is -forward.
-    c2w[..., :3, 2] = -forward
-    c2w[..., :3, 3] = eye
-    c2w[..., 3, 3] = 1.0
-    return c2w
-
-
-def orbit_eye(azimuth_deg, elevation_deg, distance):
-    """Camera position (3,) on a sphere of radius `distance` around the origin, world +y up.
-
-    azimuth: angle around the y axis, 0 = on the +z axis, 90 = on the +x axis;
-    elevation: angle above the xz plane (towards +y).
-    """
-    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
-    # eye = distance * (cos(el) sin(az), sin(el), cos(el) cos(az))
-    return torch.tensor([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)]) * distance
-
-
-def focal_from_fov(width, fov_deg):
-    """Focal length in pixels of a pinhole camera whose horizontal field of view is fov_deg."""
-    # Half the image width sees half the fov: (W / 2) / focal = tan(fov / 2).
-    return 0.5 * width / math.tan(math.radians(fov_deg) / 2)
-
-
-def camera_rays(height, width, c2w, focal):
-    """World-space rays through every pixel centre of a pinhole camera (OpenGL convention).
-
-    height, width: image size; c2w: (4, 4) camera-to-world; focal: focal length in pixels
-    (same for x and y, principal point at the image centre).
-    Returns origins (H*W, 3) and unit directions (H*W, 3), pixels in row-major order
-    (index = row * W + column); row 0 is the top of the image.
-    """
-    device = c2w.device
-    # Pixel centres: column u + 0.5, row v + 0.5.
-    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32) + 0.5,
-                          torch.arange(width, device=device, dtype=torch.float32) + 0.5,
-                          indexing="ij")  # (H, W) each
-    # Camera-space direction: x = (u - W/2) / f (right), y = -(v - H/2) / f (rows go down,
-    # camera y goes up), z = -1 (the camera looks down -z).
-    x = (u - width / 2) / focal
-    y = -(v - height / 2) / focal
-    dirs_cam = torch.stack([x, y, -torch.ones_like(x)], -1).reshape(-1, 3)  # (H*W, 3)
-    # World direction d = R_c2w d_cam (rotation part only), then normalised.
-    dirs = dirs_cam @ c2w[:3, :3].T  # (H*W, 3)
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
-    # Every ray starts at the camera centre.
-    origins = c2w[:3, 3].expand_as(dirs).clone()  # (H*W, 3)
-    return origins, dirs
-
-
-def ray_box(origins, dirs):
-    """Slab-method intersection of rays with the cube [-1, 1]^3.
-
-    origins, dirs: (R, 3). Returns t_near (R,), t_far (R,) (t_near clipped at 0, so a camera
-    inside the cube starts at itself) and hit (R,) bool: the ray crosses the cube in front of
-    the origin.
-    """
-    # Avoid 0 / 0: a direction component of (almost) 0 becomes 1e-12 (the slab is then [-inf, inf]
-    # or empty, as it should be; min/max below do not care about the sign).
-    safe = torch.where(dirs.abs() < 1e-12, torch.full_like(dirs, 1e-12), dirs)  # (R, 3)
-    # Per axis, the ray is between the two planes x = -1 and x = +1 for t in [t1, t2]:
-    # t = (plane - o) / d.
-    t1 = (-1.0 - origins) / safe  # (R, 3)
-    t2 = (1.0 - origins) / safe  # (R, 3)
-    # Inside the cube = inside all three slabs: the latest entry and the earliest exit.
-    t_near = torch.minimum(t1, t2).amax(-1).clamp(min=0.0)  # (R,)
-    t_far = torch.maximum(t1, t2).amin(-1)  # (R,)
-    return t_near, t_far, t_far > t_near
-
-
-# ----------------------------------------------------------------------------------------
-# Querying the field
-# ----------------------------------------------------------------------------------------
-def query_field(field, points, chunk):
-    """Logits of `field` at points (B, N, 3) -> (B, N), at most max(B, chunk) points per call.
-
-    The field is called on slices (B, n, 3) of the points with n = max(1, chunk // B), so
-    each call sees B * n <= chunk points (if chunk < B, one point per item: B points).
-    Points are clamped to [-1, 1] (samples on the cube's faces may be off by rounding).
-    """
-    B, N = points.shape[:2]
-    per_call = max(1, chunk // B)
-    points = points.clamp(-1.0, 1.0)
-    with torch.no_grad():
-        out = [field(points[:, s:s + per_call]).reshape(B, -1).float()
-               for s in range(0, N, per_call)]  # each (B, n)
-    return torch.cat(out, 1)  # (B, N)
-
-
-def field_normals(field, points, chunk, eps=NORMAL_EPS):
-    """Outward unit normals (B, N, 3) of the logit field at points (B, N, 3).
-
-    n = -grad f / |grad f| with central differences
-        df/dx_i ~= (f(p + eps e_i) - f(p - eps e_i)) / (2 eps).
-    The stencil centre is moved inside [-1 + eps, 1 - eps]^3 so all 6 probes stay in the cube.
-    """
-    B, N = points.shape[:2]
-    centre = points.clamp(-1.0 + eps, 1.0 - eps)  # (B, N, 3)
-    # Offsets +eps e_x, -eps e_x, +eps e_y, -eps e_y, +eps e_z, -eps e_z.
-    eye3 = torch.eye(3, device=points.device)  # (3, 3)
-    offsets = torch.stack([eye3, -eye3], 1).reshape(6, 3) * eps  # (6, 3)
-    probes = (centre[:, :, None, :] + offsets).reshape(B, N * 6, 3)  # (B, N*6, 3)
-    f = query_field(field, probes, chunk).reshape(B, N, 3, 2)  # (B, N, 3 axes, +/-)
-    # grad_i = (f(p + eps e_i) - f(p - eps e_i)) / (2 eps)
-    grad = (f[..., 0] - f[..., 1]) / (2 * eps)  # (B, N, 3)
-    # n = -grad / |grad| (logits increase inwards, the normal points out).
-    return -grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-
-
-def _field_device(field):
-    """Device of a field's parameters if it is an nn.Module with parameters, else CPU."""
-    try:
-        return next(field.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------
-# Ray marching
-# ----------------------------------------------------------------------------------------
-def march_rays(field, batch, origins, dirs, steps=128, refine=6, chunk=65536):
-    """First surface crossing (f goes from <= 0 to > 0) of every ray, for every batch item.
-
-    field: callable (B, N, 3) -> logits (B, N); batch: B; origins, dirs: (R, 3) rays shared
-    by the B items (unit directions). Returns a dict:
-      "hit" (B, R) bool, "t" (B, R) ray parameter of the surface (t_far where no hit),
-      "points" (B, R, 3) surface points o + t d, "normals" (B, R, 3) outward unit normals
-      (zeros where no hit).
-    Rays are processed in blocks of max(1, chunk // B) rays so each field call sees at most
-    `chunk` points; within a block, loops run over the `steps` samples and `refine` bisections.
-    """
-    R = origins.shape[0]
-    device = origins.device
-    hit = torch.zeros(batch, R, dtype=torch.bool, device=device)  # (B, R)
-    t_hit = torch.zeros(batch, R, device=device)  # (B, R)
-    normals = torch.zeros(batch, R, 3, device=device)  # (B, R, 3)
-
-    t_near, t_far, in_box = ray_box(origins, dirs)  # (R,), (R,), (R,)
-    t_hit[:] = t_far
-    # Only rays that cross the cube can hit anything; the camera is shared, so this set is the
-    # same for every batch item.
-    box_idx = in_box.nonzero().squeeze(1)  # (R_box,)
-    block = max(1, chunk // batch)
-    for s in range(0, box_idx.numel(), block):
-        idx = box_idx[s:s + block]  # (n,) rays of this block
-        o, d = origins[idx], dirs[idx]  # (n, 3)
-        tn, tf = t_near[idx], t_far[idx]  # (n,)
-        n = idx.numel()
-
-        # --- March: t_k = t_near + k / (S - 1) * (t_far - t_near), k = 0 .. S - 1. ---
-        found = torch.zeros(batch, n, dtype=torch.bool, device=device)  # (B, n)
-        # Bracket [t_lo, t_hi] of the crossing and its logits (f_lo <= 0 < f_hi).
-        t_lo = tf.expand(batch, n).clone()  # (B, n)
-        t_hi = t_lo.clone()  # (B, n)
-        f_lo = torch.zeros(batch, n, device=device)  # (B, n)
-        f_hi = torch.zeros(batch, n, device=device)  # (B, n)
-        t_prev = f_prev = None
-        for k in range(steps):
-            t_k = tn + (tf - tn) * (k / max(steps - 1, 1))  # (n,)
-            pts = (o + t_k[:, None] * d).expand(batch, n, 3)  # (B, n, 3)
-            f_k = query_field(field, pts, chunk)  # (B, n)
-            new = (~found) & (f_k > 0)  # (B, n) first inside sample of the ray
-            t_kb = t_k.expand(batch, n)  # (B, n)
-            t_hi = torch.where(new, t_kb, t_hi)
-            f_hi = torch.where(new, f_k, f_hi)
-            if k == 0:
-                # Inside already at the cube's entry: the crossing is at t_near itself
-                # (an empty bracket lo = hi; the bisection below leaves it there).
-                t_lo = torch.where(new, t_kb, t_lo)
-                f_lo = torch.where(new, f_k, f_lo)
-            else:
-                t_lo = torch.where(new, t_prev, t_lo)
-                f_lo = torch.where(new, f_prev, f_lo)
-            found = found | new
-            t_prev, f_prev = t_kb, f_k
-            if bool(found.all()):  # every ray of the block has hit: no need to go further
-                break
-
-        # --- Bisection: keep the half of [t_lo, t_hi] where the sign changes. ---
-        for _ in range(refine):
-            t_mid = (t_lo + t_hi) / 2  # (B, n)
-            pts = o + t_mid[..., None] * d  # (B, n, 3)
-            f_mid = query_field(field, pts, chunk)  # (B, n)
-            inside = f_mid > 0  # (B, n)
-            t_hi = torch.where(inside, t_mid, t_hi)
-            f_hi = torch.where(inside, f_mid, f_hi)
-            t_lo = torch.where(inside, t_lo, t_mid)
-            f_lo = torch.where(inside, f_lo, f_mid)
-
-        # --- Secant step inside the final bracket: f is ~linear there, so f = 0 at
-        # t = t_lo + (t_hi - t_lo) * f_lo / (f_lo - f_hi). An empty bracket (hit at the
-        # entry, f_lo = f_hi > 0) keeps t_lo.
-        denom = f_lo - f_hi  # (B, n), < 0 for a real bracket
-        w = torch.where(denom < 0, f_lo / denom.clamp(max=-1e-12), torch.zeros_like(denom))
-        t_surf = t_lo + (t_hi - t_lo) * w.clamp(0.0, 1.0)  # (B, n)
-
-        # --- Normals at the surface points. ---
-        p_surf = o + t_surf[..., None] * d  # (B, n, 3)
-        nrm = field_normals(field, p_surf, chunk)  # (B, n, 3)
-
-        hit[:, idx] = found
-        t_hit[:, idx] = torch.where(found, t_surf, tf.expand(batch, n))
-        normals[:, idx] = torch.where(found[..., None], nrm, torch.zeros_like(nrm))
-
-    points = origins + t_hit[..., None] * dirs  # (B, R, 3)
-    return {"hit": hit, "t": t_hit, "points": points, "normals": normals}
-
-
-def shade(normals, hit, light_dir=LIGHT_DIR, albedo=ALBEDO, ambient=AMBIENT, diffuse=DIFFUSE,
-          background=BACKGROUND):
-    """Lambert shading: normals (..., 3), hit (...) -> grey values (...) in [0, 1].
-
-    colour = albedo * (ambient + diffuse * max(0, n . l)) on the shape, `background` elsewhere;
-    l is the unit light direction (world space, pointing towards the light).
-    """
-    light = torch.as_tensor(light_dir, dtype=normals.dtype, device=normals.device)
-    light = light / light.norm()  # (3,)
-    # colour = albedo * (ambient + diffuse * max(0, n . l))
-    lit = albedo * (ambient + diffuse * (normals @ light).clamp(min=0.0))  # (...)
-    return torch.where(hit, lit, torch.full_like(lit, background))
-
-
-def render_occupancy(field, batch, height, width, azimuth=AZIMUTH_DEG, elevation=ELEVATION_DEG,
-                     distance=DISTANCE, fov_deg=FOV_DEG, steps=128, refine=6, chunk=65536,
-                     light_dir=LIGHT_DIR, device=None, return_buffers=False):
-    """Shaded grey preview images of B occupancy fields, (B, 3, H, W) in [-1, 1].
-
-    field: callable, points (B, N, 3) in [-1, 1]^3 -> logits (B, N), > 0 inside (item b of
-    the points is evaluated by field b). batch: B. height, width: image size.
-    Camera: pinhole, horizontal field of view fov_deg, at `distance` from the origin at the
-    given azimuth/elevation in degrees (world +y is up; azimuth 0 = on +z, 90 = on +x; see
-    `orbit_eye`), looking at the origin. steps: samples per ray inside the cube; refine:
-    bisection steps; chunk: at most this many points per field call (all calls are made under
-    torch.no_grad()). light_dir: world direction towards the light. device: where rays live
-    (default: the device of the field's parameters, else CPU).
-    Shading: albedo * (ambient + diffuse * max(0, n . l)) on the shape, white background;
-    returned as 2 * colour - 1. With return_buffers=True also returns a dict with "mask"
-    (B, H, W) bool, "depth" (B, H, W) distance along the ray, "normals" (B, 3, H, W).
-    """
-    device = torch.device(device) if device is not None else _field_device(field)
-    eye = orbit_eye(azimuth, elevation, distance).to(device)  # (3,)
-    c2w = look_at(eye, (0.0, 0.0, 0.0), (0.0, 1.0, 0.0))  # (4, 4)
-    origins, dirs = camera_rays(height, width, c2w, focal_from_fov(width, fov_deg))  # (H*W, 3) each
-    with torch.no_grad():
-        out = march_rays(field, batch, origins, dirs, steps=steps, refine=refine, chunk=chunk)
-    grey = shade(out["normals"], out["hit"], light_dir=light_dir)  # (B, H*W) in [0, 1]
-    # [0, 1] -> [-1, 1], three equal channels.
-    img = (2 * grey - 1).reshape(batch, 1, height, width).expand(batch, 3, height, width).contiguous()
-    if not return_buffers:
-        return img  # (B, 3, H, W)
-    buffers = {
-        "mask": out["hit"].reshape(batch, height, width),  # (B, H, W)
-        "depth": out["t"].reshape(batch, height, width),  # (B, H, W)
-        "normals": out["normals"].reshape(batch, height, width, 3).permute(0, 3, 1, 2),  # (B, 3, H, W)
-    }
-    return img, buffers
-
 
 # ========================================================================================
 # Point-cloud metrics: Chamfer distance, MMD, COV, 1-NNA
@@ -795,8 +442,9 @@ def mmd_cov_1nna(gen, ref, batch=32, chunk=512):
     return dict(mmd=mmd.item(), cov=float(cov), nna=nna.item())
 
 
+
 # ----------------------------------------------------------------------------------------
-# Demo: a torus three ways (mesh, picture, point cloud), each checked against its formula
+# Demo: a torus as a mesh (area and volume against the formulas) and as points (Chamfer)
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
     import matplotlib
@@ -819,7 +467,7 @@ if __name__ == "__main__":
           f"(exact 4 pi^2 R r = {4 * math.pi ** 2 * R_major * r_minor:.4f}), volume {volume:.4f} "
           f"(exact 2 pi^2 R r^2 = {2 * math.pi ** 2 * R_major * r_minor ** 2:.4f})")
     os.makedirs("out", exist_ok=True)
-    write_obj("out/06_torus.obj", verts, faces)
+    write_obj("out/07_torus.obj", verts, faces)
     # points on the mesh against points on the exact torus. Two independent samples of one
     # surface are not the same points, so the floor is the distance between two exact samples.
     g = torch.Generator().manual_seed(0)
@@ -836,6 +484,9 @@ if __name__ == "__main__":
     print(f"Chamfer distance (2048 points each): mesh vs exact torus {chamfer(on_mesh, exact).item():.2e}; "
           f"exact vs exact (the sampling floor) {chamfer(exact2, exact).item():.2e}; "
           f"exact vs the torus moved by 0.1 {chamfer(exact2 + torch.tensor([0.1, 0, 0]), exact).item():.2e}")
-    image = render_occupancy(torus_logits, 1, 160, 160, fov_deg=40)[0]  # (3, H, W) in [-1, 1]
-    plt.imsave("out/06_geometry.png", ((image.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
-    print("wrote out/06_torus.obj and out/06_geometry.png (ray marched from the function, no mesh)")
+    fig = plt.figure(figsize=(5, 4.5))
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_trisurf(*verts.T.numpy(), triangles=faces.numpy(), color="0.8", edgecolor="0.3", linewidth=0.1)
+    ax.set(xlim=(-1, 1), ylim=(-1, 1), zlim=(-1, 1), title=f"surface nets at {R}^3: {len(faces)} triangles")
+    fig.savefig("out/07_geometry.png", dpi=100)
+    print("wrote out/07_torus.obj and out/07_geometry.png")

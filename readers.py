@@ -1,0 +1,406 @@
+"""Readers: the users' files -> tensors, with a one-line error for every bad input.
+
+Plumbing, not a concept: each modality (files 05, 06, 09, 11) calls the reader of its formats
+from its `load`. A reader names the flag and the file when something is wrong, and what it
+expected, and never runs code from a file (`np.load(..., allow_pickle=False)`).
+
+  pictures  a folder of .png/.jpg (searched recursively) or an .npz image array -> uint8 (n, 3, R, R)
+  clips     a folder of clip folders of frames, or an .npz/.npy clip array      -> uint8 (n, 3, T, R, R)
+  shapes    an .npz of occupancy grids + surface points, or the ConvONet layout
+  scenes    posed pictures: NeRF-synthetic folders, SRN folders, or an .npz
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------
+def to_unit_rgba(a):
+    """numpy (..., H, W, C), C = 1 (grey), 2 (grey + alpha), 3 or 4, uint8 or float in [0, 1]
+    -> float32 (..., H, W, 4) RGBA in [0, 1], alpha 1 where there is none."""
+    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    C = a.shape[-1]
+    rgb = a[..., :3] if C >= 3 else np.repeat(a[..., :1], 3, axis=-1)
+    alpha = a[..., C - 1:] if C in (2, 4) else np.ones_like(a[..., :1])
+    return np.concatenate([rgb, alpha], -1)
+
+
+def to_unit_rgb(a):
+    """numpy (..., H, W, C) as for to_unit_rgba -> float32 (..., 3, H, W), alpha dropped."""
+    return np.ascontiguousarray(np.moveaxis(to_unit_rgba(a)[..., :3], -1, -3))
+
+
+def read_picture(path, flag="--data"):
+    """One picture file -> float32 numpy (H, W, 4) RGBA in [0, 1]; 8- and 16-bit files both work."""
+    import matplotlib.image
+
+    try:
+        a = matplotlib.image.imread(path)  # (H, W), (H, W, C); float in [0, 1] (PNG) or uint8 (JPEG)
+    except Exception as e:  # a truncated or non-image file: name it
+        raise SystemExit(f"{flag} {path}: cannot read this image ({type(e).__name__}: {e})")
+    return to_unit_rgba(a[..., None] if a.ndim == 2 else a)
+
+
+def square_uint8(x, resolution):
+    """(B, 3, H, W) float in [0, 1] -> (B, 3, R, R) uint8: centre crop to the largest square, resize."""
+    H, W = x.shape[-2:]
+    s = min(H, W)
+    x = x[..., (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]
+    # antialias=True: a proper low-pass when shrinking, so no aliasing in the training data
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def find_images(folder, flag="--data"):
+    """Every png/jpg file under `folder` (searched recursively), sorted, so the order is stable."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{flag} {folder}: not a folder or an .npz file (expected .png/.jpg images or an image array)")
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
+                   for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise SystemExit(f"{flag} {folder}: no .png/.jpg images found (searched sub-folders too)")
+    return paths
+
+
+def read_image(path, resolution, flag="--data"):
+    """One image file -> uint8 (3, R, R): centre-cropped, resized; grey repeated to RGB, alpha dropped."""
+    rgb = np.ascontiguousarray(np.moveaxis(read_picture(path, flag)[..., :3], -1, -3))  # (3, H, W)
+    return square_uint8(torch.from_numpy(rgb)[None], resolution)[0]
+
+
+def read_npz_array(path, names, flag):
+    """The array of an .npz named one of `names`, or its only array -> (numpy array, its name)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            key = next((k for k in names if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise SystemExit(f"{flag} {path}: expected an array named '{names[0]}' (or a single array); "
+                                 f"found {', '.join(keys) or 'none'}")
+            return f[key], key
+    except SystemExit:
+        raise
+    except Exception as e:  # not an .npz, truncated, or pickled objects inside
+        raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {str(e)[:120]})")
+
+
+def read_npz_images(path, resolution, flag="--data"):
+    """An .npz holding one image array (key 'images', or its only array) -> uint8 (n, 3, R, R).
+
+    The array is (n, H, W) greyscale or (n, H, W, C) with C = 1, 3 or 4; uint8, or float in [0, 1].
+    """
+    a, key = read_npz_array(path, ("images",), flag)
+    shape_ok = a.ndim == 3 or (a.ndim == 4 and a.shape[-1] in (1, 3, 4))
+    kind_ok = a.dtype == np.uint8 or (a.dtype.kind == "f" and a.size and 0 <= a.min() and a.max() <= 1)
+    if not (shape_ok and kind_ok and len(a) > 0):
+        raise SystemExit(f"{flag} {path}: array '{key}' is {a.dtype} {a.shape}; expected (n, H, W) or "
+                         f"(n, H, W, C) with C = 1, 3 or 4, uint8 or float in [0, 1]")
+    a = a[..., None] if a.ndim == 3 else a  # (n, H, W, C)
+    # in chunks, so a large uint8 array is never converted to float all at once
+    return torch.cat([square_uint8(torch.from_numpy(to_unit_rgb(a[i:i + 256])), resolution)
+                      for i in range(0, len(a), 256)])
+
+
+def read_images(path, resolution, flag="--data"):
+    """A folder of image files, or an .npz holding an image array -> uint8 (n, 3, R, R)."""
+    if path.lower().endswith(".npz") and os.path.isfile(path):
+        return read_npz_images(path, resolution, flag)
+    return torch.stack([read_image(p, resolution, flag) for p in find_images(path, flag)])
+
+
+# ----------------------------------------------------------------------------------------
+# Clips
+# ----------------------------------------------------------------------------------------
+def read_clips(path, frames, resolution, flag="--data"):
+    """A clip folder (SkyTimelapse layout) or an .npz/.npy clip array -> uint8 (n, 3, T, R, R).
+
+    Folder: path/<clip>/ (or path/<group>/<clip>/) holds one clip's frames as .png/.jpg,
+    in name order; each clip gives its first T frames (shorter clips are skipped, and said).
+    Array: (n, T0, H, W, 3) RGB or (n, T0, H, W) grey, uint8 or float in [0, 1], key 'clips'
+    (or the only array), T0 >= T. Frames are centre-cropped and resized like images.
+    """
+    if os.path.isfile(path) and path.lower().endswith((".npz", ".npy")):
+        if path.lower().endswith(".npy"):
+            try:
+                a, key = np.load(path, mmap_mode="r", allow_pickle=False), "array"
+            except Exception as e:
+                raise SystemExit(f"{flag} {path}: cannot read this array ({type(e).__name__}: {str(e)[:120]})")
+        else:
+            a, key = read_npz_array(path, ("clips",), flag)
+        ok = (a.ndim == 4 or (a.ndim == 5 and a.shape[-1] in (1, 3, 4))) and len(a) and a.shape[1] >= frames
+        ok = ok and (a.dtype == np.uint8 or (a.dtype.kind == "f" and 0 <= a.min() and a.max() <= 1))
+        if not ok:
+            raise SystemExit(f"{flag} {path}: {key} is {a.dtype} {a.shape}; expected clips (n, T, H, W, 3) or "
+                             f"(n, T, H, W), uint8 or float in [0, 1], with T >= {frames} frames")
+        a = a[:, :frames]
+        a = a[..., None] if a.ndim == 4 else a  # (n, T, H, W, C)
+        # every frame is an image: fold time into the batch, in chunks of clips
+        out = [square_uint8(torch.from_numpy(to_unit_rgb(np.asarray(a[i:i + 16]).reshape(-1, *a.shape[2:]))), resolution)
+               for i in range(0, len(a), 16)]
+        return torch.cat(out).reshape(len(a), frames, 3, resolution, resolution).transpose(1, 2).contiguous()
+    if not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: not a folder or an .npz/.npy file (expected a folder of clip "
+                         f"sub-folders of frames, or a clip array)")
+    clips, lengths = [], []
+    for root, _, files in sorted(os.walk(path)):  # clip folders in path order
+        frame_files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        if root != path and frame_files:
+            lengths.append(len(frame_files))
+            if len(frame_files) >= frames:  # (name order: zero-padded frame numbers sort right)
+                clips.append(torch.stack([read_image(os.path.join(root, f), resolution, flag)
+                                          for f in frame_files[:frames]], 1))
+    if not clips:
+        raise SystemExit(f"{flag} {path}: no clip with {frames} frames or more (found {len(lengths)} clip folder(s), "
+                         f"longest {max(lengths, default=0)} frames); expected {path}/<clip>/<frame>.png")
+    if len(clips) < len(lengths):
+        print(f"{flag} {path}: skipped {len(lengths) - len(clips)} clip(s) shorter than {frames} frames")
+    return torch.stack(clips)  # (n, 3, T, R, R)
+
+
+# ----------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------
+def read_shape_npz(path, flag="--data"):
+    """An .npz like meshes21_occ64_pts8k.npz -> surface points (n, P, 3) and grids (n, R, R, R) in [-1, 1]^3.
+
+    Arrays: `surface_points` (n, P, 3) and either `occ_packed` (n, R^3 / 8, np.packbits of a
+    bool (R, R, R) grid, with `res` = R) or `occupancy` (n, R, R, R); `names` optional. Grid axes
+    x, y, z, voxel centres tiling [-0.5, 0.5]^3 (the Occupancy Networks unit cube), scaled by 2
+    onto our [-1, 1]^3. Returns a dict: "surface" float (n, P, 3), "grid" bool, "names" or None.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.keys()}
+    except Exception as e:
+        raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {e})")
+    surface = arrays.get("surface_points")
+    if surface is None or surface.ndim != 3 or surface.shape[-1] != 3 or not len(surface):
+        raise SystemExit(f"{flag} {path}: expected 'surface_points' shaped (n, P, 3); "
+                         f"found {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
+    n = len(surface)
+    if "occupancy" in arrays:
+        grid = arrays["occupancy"].astype(bool)
+    elif "occ_packed" in arrays and "res" in arrays:
+        R = int(arrays["res"])
+        if arrays["occ_packed"].shape != (n, R ** 3 // 8):
+            raise SystemExit(f"{flag} {path}: 'occ_packed' is {arrays['occ_packed'].shape}; expected ({n}, {R ** 3 // 8})")
+        grid = np.unpackbits(arrays["occ_packed"], axis=1).reshape(n, R, R, R).astype(bool)
+    else:
+        raise SystemExit(f"{flag} {path}: expected an occupancy grid ('occ_packed' + 'res', or 'occupancy')")
+    if grid.ndim != 4 or grid.shape[0] != n or len(set(grid.shape[1:])) != 1:
+        raise SystemExit(f"{flag} {path}: occupancy grid is {grid.shape}; expected ({n}, R, R, R)")
+    names = [str(v) for v in arrays["names"]] if "names" in arrays and len(arrays["names"]) == n else None
+    # [-0.5, 0.5]^3 -> [-1, 1]^3
+    return {"surface": torch.from_numpy(surface.astype(np.float32)) * 2, "grid": torch.from_numpy(grid), "names": names}
+
+
+def convonet_classes(root, flag="--data"):
+    """The class folders of a ConvONet root (or [root] when it is itself one class folder)."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"{flag} {root}: not a folder or an .npz file")
+    if any(os.path.isfile(os.path.join(root, d, "points.npz")) for d in os.listdir(root)):
+        return [root]
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def read_convonet(root, num_surface, num_queries, split=None, seed=0, flag="--data"):
+    """The Occupancy Networks / ConvONet ShapeNet layout -> shape items in [-1, 1]^3.
+
+    root/<class>/<id>/points.npz (`points` (N, 3) uniform in the padded cube [-0.55, 0.55]^3,
+    `occupancies` np.packbits of N bools) and pointcloud.npz (`points` on the surface); the
+    ids of a split are listed in root/<class>/<split>.lst (split None, or no list: every id).
+    root may also be a single class folder. Coordinates are divided by 0.55 onto [-1, 1]^3.
+    Each shape keeps num_surface surface and num_queries labelled points (a random subset),
+    about 12 (P + Q) bytes per shape in memory.
+    """
+    g = torch.Generator().manual_seed(seed)
+    surfaces, points, occs = [], [], []
+    for folder in convonet_classes(root, flag):
+        lst = os.path.join(folder, f"{split}.lst")
+        ids = open(lst).read().split() if split and os.path.isfile(lst) else sorted(os.listdir(folder))
+        for shape_id in ids:
+            d = os.path.join(folder, shape_id)
+            if not os.path.isfile(os.path.join(d, "points.npz")):
+                continue
+            try:
+                with np.load(os.path.join(d, "points.npz"), allow_pickle=False) as f:
+                    pts, occ = f["points"].astype(np.float32), np.unpackbits(f["occupancies"])[:len(f["points"])]
+                with np.load(os.path.join(d, "pointcloud.npz"), allow_pickle=False) as f:
+                    cloud = f["points"].astype(np.float32)
+            except Exception as e:
+                raise SystemExit(f"{flag} {d}: cannot read points.npz/pointcloud.npz ({type(e).__name__}: {e})")
+            i = torch.randint(len(pts), (num_queries,), generator=g)
+            j = torch.randint(len(cloud), (num_surface,), generator=g)
+            points.append(torch.from_numpy(pts)[i] / 0.55)
+            occs.append(torch.from_numpy(occ.astype(bool))[i])
+            surfaces.append(torch.from_numpy(cloud)[j] / 0.55)
+    if not surfaces:
+        raise SystemExit(f"{flag} {root}: no <class>/<id>/points.npz + pointcloud.npz found"
+                         + (f" for split {split!r}" if split else ""))
+    return {"x": torch.stack(surfaces), "points": torch.stack(points), "occ": torch.stack(occs), "label": None}
+
+
+# ----------------------------------------------------------------------------------------
+# Posed pictures of scenes (NeRF)
+# ----------------------------------------------------------------------------------------
+def read_square_picture(path, flag):
+    """A square picture file -> float tensor (H, H, 4) RGBA in [0, 1]."""
+    a = read_picture(path, flag)
+    if a.shape[0] != a.shape[1]:
+        raise SystemExit(f"{flag} {path}: picture is {a.shape[1]}x{a.shape[0]}; expected a square one")
+    return torch.from_numpy(a)
+
+
+def resize_views(rgba, size):
+    """float (V, H, H, C) in [0, 1] -> uint8 (V, size, size, C), antialiased when shrinking."""
+    x = F.interpolate(rgba.permute(0, 3, 1, 2), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def posed_scene(rgba, c2w, focal, size, scale, near, far, name, centre=None):
+    """One scene's RGBA views (V, H, H, 4) resized to `size` (0 or None: kept), positions and near/far
+    divided by `scale` (so the scene fills the cube [-1, 1]^3): a dict of tensors.
+
+    "images" uint8 (V, size, size, 4), "poses" (V, 4, 4) camera-to-world (OpenGL), "intr" (V, 3)
+    = (f, cx, cy) in pixels of the resized pictures, "near", "far", "name".
+    """
+    H = rgba.shape[1]
+    k = (size or H) / H  # intrinsics scale with the picture
+    c2w = c2w.float().clone()
+    c2w[:, :3, 3] /= scale
+    cx, cy = (H / 2, H / 2) if centre is None else centre  # principal point, in pixels of the file
+    intr = torch.tensor([[focal * k, cx * k, cy * k]])
+    return {"images": resize_views(rgba, size or H), "poses": c2w, "intr": intr.expand(len(c2w), 3),
+            "near": near / scale, "far": far / scale, "name": name}
+
+
+def read_nerf_npz(path, size, flag):
+    """One scene from an .npz like lego_100px_train.npz: images_rgba (V, H, W, 4) uint8 (or images (V, H, W, 3)),
+    poses (V, 4, 4) camera-to-world (OpenGL), focal; near and far if present (else 2 and 6); scale 1.5."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            z = {k: f[k] for k in f.keys()}
+    except Exception as e:
+        raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {e})")
+    key = "images_rgba" if "images_rgba" in z else "images" if "images" in z else None
+    if key is None or "poses" not in z or "focal" not in z:
+        raise SystemExit(f"{flag} {path}: expected arrays images_rgba (or images), poses and focal; "
+                         f"found {', '.join(z) or 'none'}")
+    a, poses = z[key], z["poses"]
+    if a.ndim != 4 or a.shape[-1] not in (3, 4) or a.shape[1] != a.shape[2] or poses.shape != (len(a), 4, 4):
+        raise SystemExit(f"{flag} {path}: {key} is {a.shape} and poses {poses.shape}; expected (V, H, H, 3 or 4) "
+                         f"square pictures and (V, 4, 4) poses")
+    near, far = float(z.get("near", 2.0)), float(z.get("far", 6.0))
+    return posed_scene(torch.from_numpy(to_unit_rgba(a)), torch.from_numpy(poses), float(z["focal"]), size, 1.5,
+                       near, far, os.path.splitext(os.path.basename(path))[0])
+
+
+def read_nerf_synthetic(folder, split, size, flag):
+    """A NeRF-synthetic scene folder: transforms_<split>.json (camera_angle_x, frames with file_path
+    and transform_matrix) + RGBA pictures; near 2, far 6, scale 1.5 (the dataset's own)."""
+    meta_path = os.path.join(folder, f"transforms_{split}.json")
+    try:
+        meta = json.load(open(meta_path))
+        frames, angle = meta["frames"], float(meta["camera_angle_x"])
+        files = [os.path.join(folder, fr["file_path"]) for fr in frames]
+        c2w = torch.tensor([fr["transform_matrix"] for fr in frames], dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{flag} {meta_path}: expected camera_angle_x and frames with file_path and "
+                         f"transform_matrix ({type(e).__name__}: {e})")
+    pics = [read_square_picture(f if os.path.splitext(f)[1] else f + ".png", flag) for f in files]
+    if len({p.shape for p in pics}) > 1:
+        raise SystemExit(f"{flag} {folder}: its pictures differ in size; expected one size per scene")
+    rgba = torch.stack(pics)
+    focal = 0.5 * rgba.shape[1] / math.tan(0.5 * angle)
+    return posed_scene(rgba, c2w, focal, size, 1.5, 2.0, 6.0, os.path.basename(os.path.normpath(folder)))
+
+
+def read_srn(folder, size, flag):
+    """An SRN scene folder: rgb/*.png, pose/*.txt (4x4 camera-to-world, OpenCV: y down, z forward),
+    intrinsics.txt (first line f cx cy; last line the picture size it refers to); near 0.8, far 1.8."""
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(folder, "rgb")) if f.endswith(".png"))
+    if not names:
+        raise SystemExit(f"{flag} {folder}/rgb: no .png pictures")
+    try:
+        lines = open(os.path.join(folder, "intrinsics.txt")).read().split("\n")
+        f, cx, cy = (float(v) for v in lines[0].split()[:3])
+        last = [ln for ln in lines if ln.strip()][-1].split()
+        W0 = float(last[-1]) if len(last) == 2 else 2 * cx  # the size the intrinsics refer to
+        c2w = torch.stack([torch.tensor([float(v) for v in open(os.path.join(folder, "pose", n + ".txt")).read().split()])
+                           .reshape(4, 4) for n in names])
+    except (OSError, ValueError, RuntimeError, IndexError) as e:
+        raise SystemExit(f"{flag} {folder}: expected intrinsics.txt (f cx cy) and pose/<name>.txt with 16 numbers "
+                         f"per picture ({type(e).__name__}: {e})")
+    c2w[:, :3, 1:3] *= -1  # OpenCV (y down, looking down +z) -> OpenGL (y up, looking down -z)
+    pics = [read_square_picture(os.path.join(folder, "rgb", n + ".png"), flag) for n in names]
+    if len({p.shape for p in pics}) > 1:
+        raise SystemExit(f"{flag} {folder}/rgb: its pictures differ in size; expected one size per scene")
+    rgba = torch.stack(pics)
+    k = rgba.shape[1] / W0
+    return posed_scene(rgba, c2w, f * k, size, 1.0, 0.8, 1.8, os.path.basename(os.path.normpath(folder)),
+                       centre=(cx * k, cy * k))
+
+
+def read_posed_scenes(path, size, flag="--data"):
+    """-> (training scenes, validation scenes): lists of posed_scene dicts of the same scenes.
+
+    .npz: one scene, every 10th view held out. A NeRF-synthetic scene folder (transforms_train.json):
+    its val split held out (every 10th training view when it has none). An SRN scene folder (rgb/):
+    every 10th view held out. A folder of such scene folders: every scene, each split the same way.
+    """
+    def every_tenth(scene):
+        V_ = len(scene["poses"])
+        val = torch.arange(V_) % 10 == 5 if V_ >= 2 else torch.zeros(V_, dtype=torch.bool)
+        pick = lambda m: {k: (v[m] if torch.is_tensor(v) and v.dim() and len(v) == V_ else v) for k, v in scene.items()}
+        return pick(~val), pick(val)
+
+    def one(folder):
+        if os.path.isfile(os.path.join(folder, "transforms_train.json")):
+            tr = read_nerf_synthetic(folder, "train", size, flag)
+            if os.path.isfile(os.path.join(folder, "transforms_val.json")):
+                va = read_nerf_synthetic(folder, "val", size, flag)
+                return tr, {k: (v[:10] if torch.is_tensor(v) and v.dim() else v) for k, v in va.items()}
+            return every_tenth(tr)
+        if os.path.isdir(os.path.join(folder, "rgb")):
+            return every_tenth(read_srn(folder, size, flag))
+        return None
+
+    if path.lower().endswith(".npz") and os.path.isfile(path):
+        pairs = [every_tenth(read_nerf_npz(path, size, flag))]
+    elif not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: not a folder or an .npz file (expected posed pictures: NeRF-synthetic, "
+                         f"SRN or an .npz with images_rgba, poses, focal)")
+    else:
+        here = one(path)  # the folder is a scene, or holds scene folders
+        pairs = [here] if here is not None else [
+            p for p in (one(os.path.join(path, d)) for d in sorted(os.listdir(path))) if p is not None]
+    if not pairs:
+        raise SystemExit(f"{flag} {path}: no scene found (expected transforms_train.json or rgb/ + pose/ + "
+                         f"intrinsics.txt, in the folder or in its sub-folders)")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def stack_scenes(scenes, flag, path):
+    """Scenes of one picture size -> one dict of tensors with a leading scene axis (the fewest views of any)."""
+    sizes = {s["images"].shape[1] for s in scenes}
+    if len(sizes) > 1:
+        raise SystemExit(f"{flag} {path}: pictures of different sizes {sorted(sizes)}; pass --resolution to resize them")
+    V_ = min(len(s["poses"]) for s in scenes)
+    if V_ < 1:
+        raise SystemExit(f"{flag} {path}: a scene has no views left to use")
+    if any(len(s["poses"]) > V_ for s in scenes):
+        print(f"{flag} {path}: scenes have {V_} to {max(len(s['poses']) for s in scenes)} views; using the first {V_} of each")
+    return {"x": torch.arange(len(scenes)), "label": None, "names": [s["name"] for s in scenes],
+            "images": torch.stack([s["images"][:V_] for s in scenes]), "poses": torch.stack([s["poses"][:V_] for s in scenes]),
+            "intr": torch.stack([s["intr"][:V_] for s in scenes]),
+            # pictures with a real alpha channel train on random backgrounds (file 10, make_rays)
+            "alpha": torch.tensor(any(bool((s["images"][..., 3] < 255).any()) for s in scenes)),
+            "near": torch.tensor([s["near"] for s in scenes]), "far": torch.tensor([s["far"] for s in scenes])}
