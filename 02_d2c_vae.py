@@ -281,43 +281,39 @@ def render(vae, fields, height, width, chunk=65536):
     return query_chunked(vae, fields, c, chunk).reshape(B, height, width, -1).permute(0, 3, 1, 2)
 
 
+def fit(vae, images, steps, K=256, batch=16, lr=1e-3, lambda_z=1e-3, log_every=0):
+    """Stage 1 in its plainest form (the demos' loop): Adam on the ELBO, random images and pixels."""
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    for step in range(steps):
+        x = images[torch.randint(len(images), (batch,))]  # (batch, C, H, W)
+        coords, target = random_pixels(x, K)
+        terms = elbo_loss(vae, x, coords, target, kl_weight(step, steps, lambda_z), num_values=x[0].numel())
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        if log_every and step % log_every == 0:
+            print(f"step {step:4d}  recon {terms['recon']:.4f}  kl/D_x {terms['kl']:.4f}")
+    return vae
+
+
 # ----------------------------------------------------------------------------------------
 # Demo: a D2C-VAE with one basis field on synthetic 32x32 images
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import os
     import time
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import figures
 
     torch.manual_seed(0)
     R, K, Z, steps = 32, 256, 4, 400
     train = inr.synthetic_images(inr.synthetic_params(2000, seed=0), R, R)  # (2000, 3, R, R), file 01
     val = inr.synthetic_images(inr.synthetic_params(64, seed=1), R, R)  # unseen images
     vae = D2CVAE(ConvEncoder(3, Z), BasisFieldDecoder(Z, field_ch=16), ConcatReadout([16], 64, 3))
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     t0 = time.time()
-    for step in range(steps):
-        x = train[torch.randint(len(train), (16,))]  # (16, 3, R, R)
-        coords, target = random_pixels(x, K)
-        terms = elbo_loss(vae, x, coords, target, kl_weight(step, steps, 1e-3), num_values=x[0].numel())
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
-        if step % 100 == 0:
-            print(f"step {step:4d}  recon {terms['recon']:.4f}  kl/D_x {terms['kl']:.4f}")
+    fit(vae, train, steps, K, log_every=100)
     with torch.no_grad():
         rec = render(vae, vae.decode(vae.encode(val).mean), R, R)  # posterior mean, full grid
     print(f"validation PSNR after {steps} steps ({time.time() - t0:.0f} s): {inr.psnr(rec, val):.2f} dB")
-    os.makedirs("out", exist_ok=True)
-    grid = torch.cat([val[:8], rec[:8].clamp(-1, 1)], 0)  # top row data, bottom row reconstruction
-    fig, axes = plt.subplots(2, 8, figsize=(12, 3.2))
-    for ax, im in zip(axes.flat, grid):
-        ax.imshow((im.permute(1, 2, 0) + 1) / 2)
-        ax.axis("off")
-    fig.suptitle("unseen images (top) and their D2C-VAE reconstructions (bottom)")
-    fig.savefig("out/02_d2c_vae.png", dpi=100)
+    figures.write_sheet([val[:8], rec[:8].clamp(-1, 1)], "out/02_d2c_vae.png", ["unseen", "reconstructed"],
+                        "unseen images and their D2C-VAE reconstructions (one basis field)")
     print("wrote out/02_d2c_vae.png")

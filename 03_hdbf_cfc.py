@@ -143,14 +143,10 @@ def build_decoder_readout(variant, z_ch, field_ch, out_ch, ch=32, ch_mult=(1, 2,
 # Demo: the Table 8 ablation in miniature, on synthetic 32x32 images
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import os
     import sys
     import time
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import figures
 
     R, K, Z, steps = 32, 256, 4, 300
     # `python 03_hdbf_cfc.py 0,1,2,3` averages over several seeds. At this budget one seed can
@@ -167,16 +163,7 @@ if __name__ == "__main__":
         for seed in seeds:
             torch.manual_seed(seed)  # per seed: same initial encoder, batches and coordinates for every variant
             decoder, readout = build_decoder_readout(variant, Z, field_ch=16, out_ch=3)
-            vae = vae_lib.D2CVAE(vae_lib.ConvEncoder(3, Z), decoder, readout)
-            opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-            for step in range(steps):
-                x = train[torch.randint(len(train), (16,))]  # (16, 3, R, R)
-                coords, target = vae_lib.random_pixels(x, K)
-                lam = vae_lib.kl_weight(step, steps, 1e-3)
-                terms = vae_lib.elbo_loss(vae, x, coords, target, lam, num_values=x[0].numel())
-                opt.zero_grad()
-                terms["loss"].backward()
-                opt.step()
+            vae = vae_lib.fit(vae_lib.D2CVAE(vae_lib.ConvEncoder(3, Z), decoder, readout), train, steps, K)
             with torch.no_grad():
                 fields = vae.decode(vae.encode(val).mean)
                 rec, rec64 = vae_lib.render(vae, fields, R, R), vae_lib.render(vae, fields, 2 * R, 2 * R)
@@ -188,14 +175,6 @@ if __name__ == "__main__":
         print(f"{variant:12s} val PSNR {sum(psnrs) / len(psnrs):5.2f} dB at 32x32 "
               f"(seeds: {', '.join(f'{v:.2f}' for v in psnrs)}), {sum(psnrs64) / len(psnrs64):5.2f} dB at "
               f"64x64 vs exact  ({n_params} params, {time.time() - t0:.0f} s)")
-    os.makedirs("out", exist_ok=True)
-    fig, axes = plt.subplots(4, 6, figsize=(9, 6.4))
-    for r, (row, name) in enumerate(zip(rows, ("data", *VARIANTS))):
-        for k, ax in enumerate(axes[r]):
-            ax.imshow((row[k].clamp(-1, 1).permute(1, 2, 0) + 1) / 2)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_ylabel(name)
-    fig.suptitle(f"unseen images and reconstructions after {steps} steps (seed {seeds[0]})")
-    fig.savefig("out/03_hdbf_cfc.png", dpi=100)
+    figures.write_sheet(rows, "out/03_hdbf_cfc.png", ("data", *VARIANTS),
+                        f"unseen images and reconstructions after {steps} steps (seed {seeds[0]})")
     print("wrote out/03_hdbf_cfc.png")

@@ -288,6 +288,12 @@ class ImageModality(Modality):
         return x_in, {R: self.encoder_input(readers.read_images(source, R, flag="--reconstruct")) for R in resolutions}
 
 
+def demo_settings(**changes):
+    """The settings of a small model, as a run hands them to its modality (train.py: from its config)."""
+    return dict(resolution=32, plane_res=32, seed=0, val_fraction=0.1, z_ch=4, enc_ch=32, enc_mult=(1, 2, 2),
+                field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi", bases=16) | changes
+
+
 def fit(mod, vae, train, steps, batch, K, lr=1e-3, lambda_z=1e-3, seed=1):
     """Stage 1 through the contract alone, in its simplest form (the demos' loop; train.py adds the run
     engine): Adam on the re-weighted ELBO of file 02, every draw from one generator. -> vae, in eval mode."""
@@ -324,10 +330,7 @@ if __name__ == "__main__":
 
     torch.manual_seed(0)
     t0 = time.time()
-    # the settings a run hands a modality (train.py's Config; these are a small image model)
-    cfg = dict(resolution=32, plane_res=32, seed=0, val_fraction=0.1, z_ch=4, enc_ch=32, enc_mult=(1, 2, 2),
-               field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi", bases=16)
-    mod = ImageModality(cfg)
+    mod = ImageModality(demo_settings())  # a small image model (a run's settings come from train.py's config)
     mod.synthetic_train = 2000  # fewer items than a real run: the demo is about the contract, not the data
     train, val, num_classes = mod.load(None)
     steps = 400

@@ -188,10 +188,7 @@ if __name__ == "__main__":
 
     torch.manual_seed(0)
     t0 = time.time()
-    cfg = dict(resolution=32, plane_res=32, frames=8, seed=0, val_fraction=0.1, z_ch=8, enc_ch=16,
-               enc_mult=(1, 2, 2), field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi",
-               bases=16)
-    mod = VideoModality(cfg)
+    mod = VideoModality(M.demo_settings(frames=8, z_ch=8, enc_ch=16))
     params = synthetic_video_params(8, seed=0)
     clips = {"x": synthetic_clips(params, 8, 32, 32), "label": params["label"]}  # (8, 3, 8, 32, 32)
     vae = M.fit(mod, mod.build_vae(), clips, steps := 400, batch=8, K=2048)  # stage 1 (file 05)

@@ -486,15 +486,13 @@ if __name__ == "__main__":
 
     torch.manual_seed(0)
     t0 = time.time()
-    cfg = dict(resolution=48, plane_res=32, seed=0, val_fraction=0.1, z_ch=8, enc_ch=16, enc_mult=(1, 2, 2),
-               field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi", bases=16)
-    mod = ShapeModality(cfg)
+    mod = ShapeModality(M.demo_settings(resolution=48, z_ch=8, enc_ch=16))  # IoU on the 48^3 grid
     mod.synthetic_train, mod.synthetic_val, mod.num_surface, mod.num_queries = 200, 16, 2048, 4096
     train, val, _ = mod.load(None)
     vae = M.fit(mod, mod.build_vae(), train, steps := 300, batch=8, K=1024)  # stage 1 (file 05)
     with torch.no_grad():
         scores, rows, names = mod.evaluate(vae, val, "cpu")
-    print(f"{steps} steps in {time.time() - t0:.0f} s: {mod.describe(scores)} ({cfg['resolution']}^3) "
+    print(f"{steps} steps in {time.time() - t0:.0f} s: {mod.describe(scores)} ({mod.resolution}^3) "
           f"on {len(val['x'])} held-out shapes")
     mod.write_sheet(rows, "out/09_shapes.png", names, "held-out synthetic shapes and their reconstructions")
     print("wrote out/09_shapes.png")

@@ -299,10 +299,7 @@ if __name__ == "__main__":
 
     torch.manual_seed(0)
     t0 = time.time()
-    cfg = dict(resolution=32, plane_res=32, samples_per_ray=24, seed=0, val_fraction=0.1, z_ch=8, enc_ch=16,
-               enc_mult=(1, 2, 2), field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi",
-               bases=16)
-    mod = NerfModality(cfg)
+    mod = NerfModality(M.demo_settings(samples_per_ray=24, z_ch=8, enc_ch=16))  # pictures of 32x32
     mod.synthetic_train, mod.synthetic_val = 16, 4
     train, val, _ = mod.load(None)
     vae = M.fit(mod, mod.build_vae(), train, steps := 300, batch=4, K=256, lr=2e-3)  # stage 1 (file 05)

@@ -319,13 +319,9 @@ def query_cost(vae, latent_shape, coord_dim=2, n=1024):
 # Demo: the three decoders on the same encoder and budget, synthetic 32x32 images
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import os
     import time
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import figures
 
     Hd = importlib.import_module("03_hdbf_cfc")
     R, K, Z, steps = 32, 256, 4, 300
@@ -341,15 +337,8 @@ if __name__ == "__main__":
             vae = vae_lib.D2CVAE(encoder, *Hd.build_decoder_readout("hdbf_cfc", Z, 16, 3))
         else:
             vae = build_vae(name, encoder, latent, 3)
-        opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
         t0 = time.time()
-        for step in range(steps):
-            x = train[torch.randint(len(train), (16,))]  # (16, 3, R, R)
-            coords, target = vae_lib.random_pixels(x, K)
-            terms = vae_lib.elbo_loss(vae, x, coords, target, vae_lib.kl_weight(step, steps, 1e-3), x[0].numel())
-            opt.zero_grad()
-            terms["loss"].backward()
-            opt.step()
+        vae_lib.fit(vae, train, steps, K)  # file 02's loop: Adam on the ELBO
         with torch.no_grad():
             fields = vae.decode(vae.encode(val).mean)
             rec, rec64 = vae_lib.render(vae, fields, R, R), vae_lib.render(vae, fields, 2 * R, 2 * R)
@@ -358,14 +347,6 @@ if __name__ == "__main__":
         print(f"{name:6s} val PSNR {inr.psnr(rec, val):5.2f} dB at 32x32, {inr.psnr(rec64, gt64):5.2f} dB at 64x64 "
               f"vs exact; decoder {gen / 1e3:.0f}k params, per-query net {per_inr / 1e3:.1f}k, "
               f"{f_item / 1e6:.1f} MFLOP per item + {f_query / 1e3:.1f} kFLOP per query ({time.time() - t0:.0f} s)")
-    os.makedirs("out", exist_ok=True)
-    fig, axes = plt.subplots(4, 6, figsize=(9, 6.4))
-    for r, (row, name) in enumerate(zip(rows, ("data", *DECODERS))):
-        for k, ax in enumerate(axes[r]):
-            ax.imshow((row[k].clamp(-1, 1).permute(1, 2, 0) + 1) / 2)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_ylabel(name)
-    fig.suptitle(f"unseen images and reconstructions after {steps} steps, three decoders")
-    fig.savefig("out/12_weight_generation.png", dpi=100)
+    figures.write_sheet(rows, "out/12_weight_generation.png", ("data", *DECODERS),
+                        f"unseen images and reconstructions after {steps} steps, three decoders")
     print("wrote out/12_weight_generation.png")

@@ -36,11 +36,11 @@ class Config:
     steps: int = flag(0, "optimiser steps per stage; 0: the preset's, or as many as fit in --max-minutes")
     max_minutes: float = flag(0.0, "wall-clock bound per stage (the schedules are planned to fit); 0: none")
     resolution: int = flag(0, "side of the data in pixels (images, video frames, NeRF pictures) or voxels "
-                              "(shapes: the grid of IoU and meshes); 0: the preset's")
-    plane_res: int = flag(0, "shapes, NeRF: side of the tri-plane (the finest basis field); 0: the preset's")
-    frames: int = flag(0, "videos: frames per clip; 0: the preset's")
-    samples_per_ray: int = flag(0, "NeRF: stratified samples per ray (file 10); 0: the preset's")
-    batch_size: int = flag(0, "stage-1 batch (global, over all processes); 0: the preset's")
+                              "(shapes: the grid of IoU and meshes)")
+    plane_res: int = flag(0, "shapes, NeRF: side of the tri-plane (the finest basis field)")
+    frames: int = flag(0, "videos: frames per clip")
+    samples_per_ray: int = flag(0, "NeRF: stratified samples per ray (file 10)")
+    batch_size: int = flag(0, "stage-1 batch (global, over all processes)")
     grad_accum: int = flag(1, "micro-batches per optimiser step: the same step in less memory; both stages")
     val_fraction: float = flag(0.1, "share of a dataset held out for validation")
     log_every: int = flag(50, "steps between progress lines")
@@ -49,7 +49,7 @@ class Config:
     decoder: str = flag("ddmi", "ddmi (positional embeddings, files 02-03); mnif or hyper (SIREN weights, file 12; images)")
     from_run: str = flag("", "a trained run: keep its encoder and diffusion model frozen, train only a new --decoder")
     variant: str = flag("hdbf_cfc", "decoder and read-out: single, hdbf_concat or hdbf_cfc (file 03)")
-    coords_per_item: int = flag(-1, "K query coordinates per item and step; 0: all; -1: the preset's")
+    coords_per_item: int = flag(-1, "K query coordinates per item and step; 0: all")
     z_ch: int = flag(0, "latent channels Z (per plane)")
     enc_ch: int = flag(0, "base channels of the encoder and decoder")
     enc_mult: tuple = flag((), "channel multiplier per encoder level; len - 1 = number of 2x downsamplings")
@@ -57,7 +57,7 @@ class Config:
     mlp_hidden: int = flag(0, "width of the read-out MLP")
     mlp_layers: int = flag(0, "linear layers of the read-out MLP (mnif, hyper: of the generated SIREN)")
     bases: int = flag(16, "mnif: basis SIRENs K (file 12)")
-    lambda_z: float = flag(-1.0, "KL weight, reached after 90% of stage 1 (file 02); -1: the preset's")
+    lambda_z: float = flag(-1.0, "KL weight, reached after 90% of stage 1 (file 02)")
     vae_steps: int = flag(0, "stage-1 steps when neither --steps nor --max-minutes is given")
     vae_lr: float = flag(0.0, "Adam learning rate, stage 1")
     # -- stage 2: latent diffusion (file 04) ----------------------------------------------
@@ -162,7 +162,7 @@ def check_decoder(cfg, where=""):
 
 def parse(argv, description):
     """(Config from defaults <- preset <- command line, the flags given); every value checked."""
-    p = OneLineParser(description=description)
+    p = OneLineParser(description=description, epilog="Flags not given take the values of --preset (config.py).")
     for f in dataclasses.fields(Config):
         name, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
         if f.type is bool:

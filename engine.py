@@ -12,7 +12,6 @@ that never stopped would have taken (bit for bit on one process; to float roundi
 import contextlib
 import datetime
 import json
-import math
 import os
 import queue
 import signal

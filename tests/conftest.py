@@ -37,6 +37,14 @@ def small_data():
         mp.undo()
 
 
+def train_once(tmp_path_factory, flags):
+    """A complete tiny run of train.py with these flags in a fresh folder (for module-scoped fixtures)."""
+    out = str(tmp_path_factory.mktemp("run") / "r")
+    with small_data():
+        importlib.import_module("train").main(flags + ["--out", out])
+    return out
+
+
 @pytest.fixture(autouse=True)
 def small():
     torch.set_num_threads(1)  # the same float results on every machine, whatever its cores

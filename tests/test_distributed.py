@@ -11,7 +11,6 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
 import engine

@@ -13,7 +13,7 @@ import torch
 
 import config
 import engine
-from conftest import TINY, small_data
+from conftest import TINY, train_once
 
 inr = importlib.import_module("01_inr")
 M = importlib.import_module("05_modalities")
@@ -25,10 +25,7 @@ sample = importlib.import_module("sample")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One complete tiny run (both stages), shared by the tests that only read it."""
-    out = str(tmp_path_factory.mktemp("run") / "r")
-    with small_data():
-        train.main(TINY + ["--out", out])
-    return out
+    return train_once(tmp_path_factory, TINY)
 
 
 def test_train_writes_its_files(run):

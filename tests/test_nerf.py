@@ -14,7 +14,7 @@ import torch
 import config
 import engine
 import readers
-from conftest import settings, small_data
+from conftest import settings, train_once
 
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
@@ -257,10 +257,7 @@ def test_one_scene_overfits_through_the_auto_decoded_vae(posed):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("nerf") / "r")
-    with small_data():
-        train.main(TINY + ["--out", out])
-    return out
+    return train_once(tmp_path_factory, TINY)
 
 
 def test_train_and_sample_synthetic_scenes_write_turntables(run, tmp_path, capsys):

@@ -284,6 +284,8 @@ def test_bad_input_is_one_line_naming_the_flag_or_file_and_writes_nothing(tmp_pa
         (run("--steps", "-1"), "--steps -1: expected a number >= 0"),
         (run("--val-fraction", "1"), "--val-fraction 1.0: expected a fraction"),
         (run("--no-such-flag"), "unrecognized arguments: --no-such-flag"),
+        (run("--frames", "8"), "--frames: only for video; --modality is image"),
+        (run("--plane-res", "16"), "--plane-res: only for shape and nerf; --modality is image"),
         (lambda: train.main(TINY + ["--out", str(blocker / "run")]), "--out .*a_file/run: cannot write there"),
         (lambda: train.main(["--out", str(other_modality), "--resume", "--modality", "image"]),
          "checkpoint of modality 'shape', but --modality image"),

@@ -7,10 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import config
-from conftest import small_data
+from conftest import train_once
 
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
@@ -204,10 +203,7 @@ def test_one_shape_overfits_to_high_iou():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("shape") / "r")
-    with small_data():
-        train.main(TINY + ["--out", out])
-    return out
+    return train_once(tmp_path_factory, TINY)
 
 
 def test_train_and_sample_shapes_write_meshes_and_previews(run, tmp_path):

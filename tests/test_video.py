@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import config
 import figures
 import readers
-from conftest import small_data
+from conftest import train_once
 
 inr = importlib.import_module("01_inr")
 V = importlib.import_module("02_d2c_vae")
@@ -174,10 +174,7 @@ def test_one_clip_overfits_and_renders_between_its_frames():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("video") / "r")
-    with small_data():
-        train.main(TINY + ["--out", out])
-    return out
+    return train_once(tmp_path_factory, TINY)
 
 
 def test_train_and_sample_videos_write_gifs(run, tmp_path, capsys):
