@@ -63,6 +63,12 @@ class Modality:
     modality whose items are something else (point clouds, posed pictures) overrides them.
     Data items are dicts of tensors sharing their first dimension: "x" (what the encoder reads,
     as stored), "label" (n,) class indices or None, and whatever else the modality needs.
+
+    train.py calls: load (then keeps data_settings), build_vae, latent_shape, encoder_input,
+    stack_planes, training_batch, values_per_item, recon, evaluate, describe, preview,
+    unstack_planes, write_sheet. sample.py calls: build_vae, latent_shape, unstack_planes,
+    sample_outputs, reconstruct, write_sheet. A new modality must fill in load and build_encoder
+    (or build_vae), and grid and held_out (or the outputs that use them).
     """
 
     name = ""  # the --modality value
@@ -70,6 +76,7 @@ class Modality:
     planes = 1  # latent planes: 1, or 3 for a tri-plane
     out_ch = 3  # values the read-out gives per coordinate
     synthetic_train, synthetic_val = 0, 0  # sizes of the built-in dataset
+    embed_mult = 1  # field_ch-wide embeddings the lookup returns per scale (3 for concatenated tri-planes)
     eval_batch, recon_batch, sheet_items = 64, 32, 8  # items per batch in evaluate / reconstruct; per sheet row
     upsample = "bicubic"  # the plain interpolation that --reconstruct compares the INR with
 
@@ -112,8 +119,6 @@ class Modality:
     def lookup(self, field, coords):
         """p = the embedding of coords in one basis field (file 01); one plane: bilinear."""
         return inr.bilinear_lookup(field, coords)
-
-    embed_mult = 1  # field_ch-wide embeddings the lookup returns per scale (3 for concatenated tri-planes)
 
     def decoder_readout(self):
         """File 03's decoder (HDBF fields at three scales) and read-out, sized for this modality."""
@@ -232,8 +237,9 @@ class Modality:
             for i in range(0, len(x_in), self.recon_batch):
                 fields = vae.decode(vae.encode(self.encoder_input(x_in[i:i + self.recon_batch].to(device))).mean)
                 recs.append(self.render(vae, fields, size).cpu())
-                plain.append(F.interpolate(self.render(vae, fields, size0), size=size, mode=self.upsample,
-                                           align_corners=False).clamp(-1, 1).cpu())
+                if size != size0:
+                    plain.append(F.interpolate(self.render(vae, fields, size0), size=size, mode=self.upsample,
+                                               align_corners=False).clamp(-1, 1).cpu())
             rec, name = torch.cat(recs), self.size_name(size)
             line = f"{name}: mean PSNR {inr.psnr(rec, truth[R]):.2f} dB over {len(rec)} items"
             if size != size0:
