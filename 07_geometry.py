@@ -298,11 +298,16 @@ def write_obj(path, verts, faces):
     v = np.asarray(torch.as_tensor(verts).detach().cpu(), dtype=np.float64).reshape(-1, 3)  # (V, 3)
     f = np.asarray(torch.as_tensor(faces).detach().cpu(), dtype=np.int64).reshape(-1, 3)  # (F, 3)
     tmp = str(path) + ".tmp"
-    with open(tmp, "w") as fh:
-        np.savetxt(fh, v, fmt="v %.9g %.9g %.9g")
-        # OBJ indices start at 1.
-        np.savetxt(fh, f + 1, fmt="f %d %d %d")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            np.savetxt(fh, v, fmt="v %.9g %.9g %.9g")
+            # OBJ indices start at 1.
+            np.savetxt(fh, f + 1, fmt="f %d %d %d")
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no partial file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 

@@ -11,10 +11,13 @@ that never stopped would have taken (bit for bit on one process; to float roundi
 """
 import contextlib
 import datetime
+import errno
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,13 +30,52 @@ import config
 
 
 # ----------------------------------------------------------------------------------------
+# Writing files. Every file is written under a temporary name and renamed, so a reader never sees
+# half of one and a crash leaves the previous version whole. A write that fails (a full disk, no
+# permission) removes its partial file and ends the run in one line that names the file and the
+# last checkpoint that is intact.
+# ----------------------------------------------------------------------------------------
+LAST_SAVED = {}  # {"path", "what"} of the last checkpoint written whole in this process
+
+
+class WriteFailed(Exception):
+    """A file could not be written; the message is the one line the user sees."""
+
+
+def write_failed(path, error):
+    """The one-line account of a failed write of `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    if not full and isinstance(error, RuntimeError):  # torch.save says only "unexpected pos" when the disk fills
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(folder).free < 2 ** 20
+    reason = "no space left" if full else getattr(error, "strerror", None) or str(error).splitlines()[0]
+    last = (f"; the last checkpoint {LAST_SAVED['path']}, {LAST_SAVED['what']}, is intact" if LAST_SAVED
+            else "; no checkpoint was written yet")
+    return WriteFailed(f"{reason} on {folder} while writing {os.path.basename(path)}{last}")
+
+
+def write_atomically(path, write, tmp=None):
+    """write(tmp) writes the file at a temporary path beside `path`, which is then renamed onto it.
+    On failure the partial file is removed and WriteFailed raised."""
+    tmp = tmp or path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_failed(path, e) from None
+
+
+# ----------------------------------------------------------------------------------------
 # Checkpoints: a dict of state_dicts + the plain config dict + steps + RNG states
 # ----------------------------------------------------------------------------------------
 def save_checkpoint(state, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a broken ckpt.pt."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    s1, s2 = state.get("stage1", {}), state.get("stage2", {})
+    LAST_SAVED.update(path=path, what=f"stage 2 step {s2['step']}" if s2.get("step") else f"stage 1 step {s1.get('step')}")
 
 
 def load_checkpoint(path, modality=None, preset=None):
@@ -41,10 +83,17 @@ def load_checkpoint(path, modality=None, preset=None):
     with one-line errors for the usual mistakes."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise SystemExit(f"{path}: empty (0 bytes), not a checkpoint; an earlier write of it was cut short")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"{path}: not a DDMI checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # PyTorch checkpoints are zip archives
+        what = f"truncated or damaged ({size} bytes)" if zipped else "not a PyTorch checkpoint"
+        message = " ".join(str(e).split())  # the whole message, on one line
+        raise SystemExit(f"{path}: {what}, not a DDMI checkpoint ({type(e).__name__}: {message})")
     if not isinstance(ck, dict) or "config" not in ck or "stage1" not in ck:
         raise SystemExit(f"{path}: not a DDMI checkpoint (no config/stage1 entries)")
     ck["config"] = config.upgrade(ck["config"])
@@ -84,7 +133,7 @@ def open_run(cfg, given):
         return cfg, ck, source
     if cfg["stage"] == "ldm":
         raise SystemExit(f"--stage ldm: no trained VAE in {run} (run --stage vae with the same --out first)")
-    if os.path.exists(run) and os.listdir(run) and not cfg["overwrite"]:
+    if os.path.exists(run) and set(os.listdir(run)) - {LOCK} and not cfg["overwrite"]:
         raise SystemExit(f"--out {run}: folder exists and is not empty; use --resume to continue it, "
                          f"--overwrite to start again, or another --out")
     return cfg, None, source
@@ -120,10 +169,69 @@ def set_rng_state(s):
 
 
 def write_metrics(run, metrics):
-    path = os.path.join(run, "metrics.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=2)
+    write_atomically(os.path.join(run, "metrics.json"), write)
+
+
+# ----------------------------------------------------------------------------------------
+# One process owns a run folder: it holds RUN/.lock (created exclusively, with its pid and host)
+# for as long as it runs. Two runs on one --out would overwrite each other's checkpoints.
+# ----------------------------------------------------------------------------------------
+LOCK = ".lock"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def own_folder(out):
+    """Create --out if needed and hold its lock until the block ends (rank 0; the others learn the outcome)."""
+    refusal = None
+    if DIST["rank"] == 0:
+        path, host = os.path.join(out, LOCK), socket.gethostname()
+        try:
+            os.makedirs(out, exist_ok=True)
+            while True:
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    break
+                except FileExistsError:
+                    with contextlib.suppress(OSError), open(path) as f:
+                        held = f.read().split()
+                    pid, other = (int(held[0]), held[1]) if len(held) == 2 and held[0].isdigit() else (None, "?")
+                    if pid is not None and other == host and not _alive(pid):
+                        print(f"--out {out}: process {pid}, which held it, is gone; taking its lock over")
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(path)
+                        continue
+                    refusal = (f"--out {out}: in use by process {pid} on {other} (its lock: {path}); wait for it, "
+                               f"or use another --out")
+                    fd = None
+                    break
+        except OSError as e:
+            refusal = f"--out {out}: cannot write there ({e.strerror})"
+            fd = None
+        if fd is not None:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {host}\n")
+    (refused,) = any_rank(refusal is not None)
+    if refused:
+        raise SystemExit(refusal or "rank 0 could not take the run folder's lock")
+    try:
+        yield
+    finally:
+        if DIST["rank"] == 0:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, LOCK))
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,9 +259,11 @@ def session(cfg):
     try:
         setup_distributed(cfg)
         yield
-    except BaseException:
+    except BaseException as e:
         if DIST["rank"] == 0 and fresh and os.path.isdir(cfg["out"]) and not os.listdir(cfg["out"]):
             os.rmdir(cfg["out"])
+        if isinstance(e, WriteFailed):  # a full disk or no permission: one line
+            raise SystemExit(str(e)) from None
         raise
     finally:
         if previous is not None:  # (None: a handler not installed from Python; leave it)

@@ -2,8 +2,8 @@
 
 Plumbing, not a concept: every numbered file and both drivers write their pictures through
 these three functions. Pictures are tensors in [-1, 1], channels first, like every signal of
-the project. A file is written under a temporary name and renamed, so a reader never sees a
-half-written PNG or GIF.
+the project. A file is written under a temporary name and renamed (engine.write_atomically), so
+a reader never sees a half-written PNG or GIF, and a full disk is one line, not a traceback.
 """
 import os
 
@@ -14,12 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import engine  # noqa: E402
+
 
 def _save(fig, path, **kwargs):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp" + os.path.splitext(path)[1]
-    fig.savefig(tmp, **kwargs)
-    os.replace(tmp, path)
+    write = lambda tmp: fig.savefig(tmp, **kwargs)  # noqa: E731
+    engine.write_atomically(path, write, tmp=path + ".tmp" + os.path.splitext(path)[1])
 
 
 def sheet_axes(n_rows, n_cols, row_names=None, title=None):
@@ -79,8 +80,9 @@ def write_clips(rows, path, row_names=None, title=None, fps=8, strip_frames=8):
 
     gif = os.path.splitext(path)[0] + ".gif"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    FuncAnimation(fig, show, frames=T, interval=1000 / fps).save(gif + ".tmp.gif", writer=PillowWriter(fps=fps), dpi=80)
-    os.replace(gif + ".tmp.gif", gif)
+    animation = FuncAnimation(fig, show, frames=T, interval=1000 / fps)
+    write = lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps), dpi=80)  # noqa: E731
+    engine.write_atomically(gif, write, tmp=gif + ".tmp.gif")
     # the strip: strip_frames frames of the first clip of each row, evenly spaced in time
     strips = [r[0][:, torch.arange(strip_frames) * r.shape[2] // strip_frames].transpose(0, 1) for r in rows]
     write_sheet(strips, path, row_names, title)

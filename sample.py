@@ -114,7 +114,15 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
+    except engine.WriteFailed as e:  # a full disk or no permission: one line, no partial file left
+        raise SystemExit(str(e)) from None
+    except OSError as e:
+        raise SystemExit(f"{e.filename}: {e.strerror}") from None
+
+
+def run(a):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.out and os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
         raise SystemExit(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist")

@@ -189,24 +189,15 @@ def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0
 # ----------------------------------------------------------------------------------------
 def main(argv=None):
     cfg, given = config.parse(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
-    with engine.session(cfg):
-        run(cfg, given)
+    with engine.session(cfg), engine.own_folder(cfg["out"]):  # one process owns --out while it runs
+        cfg, state, source = engine.open_run(cfg, given)
+        engine.check_batches(cfg)
+        run(cfg, given, state, source)
 
 
-def run(cfg, given):
-    cfg, state, source = engine.open_run(cfg, given)
-    engine.check_batches(cfg)
-    if DIST["world"] > 1:
-        torch.distributed.barrier()  # every process has checked the folder before rank 0 writes to it
+def run(cfg, given, state, source):
     out, main_rank = cfg["out"], DIST["rank"] == 0  # rank 0 is the only process that writes files
     ckpt_path = os.path.join(out, "ckpt.pt")
-    try:
-        if main_rank:
-            os.makedirs(out, exist_ok=True)
-            open(os.path.join(out, ".write_test"), "w").close()
-            os.remove(os.path.join(out, ".write_test"))
-    except OSError as e:
-        raise SystemExit(f"--out {out}: cannot write there ({e.strerror})")
     print("config: " + ", ".join(f"{k}={cfg[k]}" for k in given if k in cfg))
     device = torch.device(cfg["device"])
     if device.type == "cuda":

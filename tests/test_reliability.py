@@ -6,11 +6,14 @@ that never stopped; a process killed in the middle of writing a checkpoint must 
 previous one loadable; bad input must be one line that names the flag or file, with
 nothing written.
 """
+import errno
 import importlib
 import os
 import pickle
 import re
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +25,7 @@ import pytest
 import torch
 
 import engine
+import figures
 import readers
 from conftest import TINY, settings, small_data
 
@@ -345,3 +349,79 @@ def test_an_npz_of_images_loads_like_the_same_images_as_files(tmp_path):
     assert torch.equal(from_float, torch.from_numpy(np.round(colour * 255).astype(np.uint8)).permute(0, 3, 1, 2))
     train_set, val_set, _ = M.modality(settings(resolution=16, val_fraction=0.2)).load(str(tmp_path / "grey.npz"))
     assert len(train_set["x"]) == 4 and len(val_set["x"]) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# One run per folder, full disks, damaged checkpoints
+# ----------------------------------------------------------------------------------------
+def test_a_second_run_on_the_same_out_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+    out = str(tmp_path / "r")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-u", "train.py", *TINY, "--steps", "100000", "--ckpt-every", "2",
+                              "--out", out], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in first.stdout:  # wait until it trains (and so holds the lock)
+            if line.startswith("[vae] step"):
+                break
+        second = subprocess.run([sys.executable, "train.py", *TINY, "--seed", "1", "--out", out], cwd=REPO,
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert second.returncode == 1 and second.stdout == ""
+        assert second.stderr.strip().splitlines() == [
+            f"--out {out}: in use by process {first.pid} on {socket.gethostname()} (its lock: {out}/.lock); "
+            f"wait for it, or use another --out"]
+    finally:
+        first.send_signal(signal.SIGKILL)  # gone without releasing its lock
+        first.wait()
+    assert open(os.path.join(out, ".lock")).read().split()[0] == str(first.pid)
+    third = subprocess.run([sys.executable, "train.py", *TINY, "--overwrite", "--out", out], cwd=REPO,
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"process {first.pid}, which held it, is gone; taking its lock over" in third.stdout
+    assert not os.path.exists(os.path.join(out, ".lock"))  # released at the end
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / "r")
+    real_save = engine.torch.save
+    saves = {"n": 0}
+
+    def save(state, path):  # the second checkpoint finds the disk full half-way
+        saves["n"] += 1
+        if saves["n"] == 2:
+            open(path, "wb").write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_save(state, path)
+    monkeypatch.setattr(engine.torch, "save", save)
+    message = one_line_error(lambda: train.main(TINY + ["--steps", "6", "--out", out]))
+    assert message == (f"no space left on {out} while writing ckpt.pt; the last checkpoint {out}/ckpt.pt, "
+                       f"stage 1 step 2, is intact")
+    assert not [f for f in os.listdir(out) if ".tmp" in f], "the partial file was left behind"
+    assert engine.load_checkpoint(os.path.join(out, "ckpt.pt"))["stage1"]["step"] == 2
+    # torch.save itself only says "unexpected pos" when the disk fills: told apart by the free space left
+    saves["n"] = 1
+    monkeypatch.setattr(engine.torch, "save", lambda state, path: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")))
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 0))
+    message = one_line_error(lambda: train.main(["--out", out, "--resume"]))
+    assert message.startswith(f"no space left on {out} while writing ckpt.pt; the last checkpoint")
+
+
+def test_a_sheet_that_cannot_be_written_is_one_line(tmp_path, reference, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(figures.plt.Figure, "savefig", full)
+    message = one_line_error(lambda: sample.main(["--ckpt", reference, "--n", "2", "--out", str(tmp_path / "s.png")]))
+    assert message.startswith(f"no space left on {tmp_path} while writing s.png")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda b: b"", "empty (0 bytes), not a checkpoint"),
+    (lambda b: b[: len(b) // 2], "truncated or damaged"),
+    (lambda b: b"not a checkpoint at all", "not a PyTorch checkpoint"),
+])
+def test_damaged_checkpoints_are_named_in_one_line(tmp_path, reference, damage, says):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(damage(open(reference, "rb").read()))
+    message = one_line_error(lambda: sample.main(["--ckpt", str(path)]))
+    assert message.startswith(f"{path}: {says}") and "\n" not in message
