@@ -323,13 +323,16 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, shape, steps=50, sampler="ddim", eta=0.0, y=None, guidance=1.0, generator=None):
-        """Draw latents of `shape` (B, C, H, W) by DDPM or DDIM; returns z_0 in the scaled latent space."""
+        """Draw latents of `shape` (B, C, H, W) by DDPM or DDIM; returns z_0 in the scaled latent space.
+        generator: one for the batch, or a list of B (then a sample does not depend on its batch)."""
         assert sampler in ("ddpm", "ddim"), f"unknown sampler {sampler!r}"
         # the latents live where the network lives, in its dtype (float32 for a network without parameters)
         param = next(self.unet.parameters(), self.schedule.alpha_bar.float())
         device, dtype = param.device, param.dtype
         # noise is drawn on the CPU (optionally from `generator`) then moved, so devices agree
-        noise = lambda: torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        gens = generator if isinstance(generator, (list, tuple)) else None
+        noise = lambda: (torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in gens]) if gens
+                         else torch.randn(shape, generator=generator, dtype=dtype)).to(device)
         y = y.to(device) if y is not None else None
         # float64 copy of alpha_bar on the CPU: every coefficient below is a Python float (float64)
         alpha_bar = self.schedule.alpha_bar.detach().double().cpu().tolist()
@@ -426,10 +429,8 @@ def _classify(z):
     """Analytic label of a stripe pattern: the direction along which it is most nearly constant."""
     z = z[:, 0]  # (n, 8, 8)
     # mean |change| along x (constant for class 0), along y (class 1), along the anti-diagonal (class 2)
-    along_x = (z[:, :, 1:] - z[:, :, :-1]).abs().mean((1, 2))
-    along_y = (z[:, 1:, :] - z[:, :-1, :]).abs().mean((1, 2))
-    along_anti = (z[:, 1:, :-1] - z[:, :-1, 1:]).abs().mean((1, 2))
-    return torch.stack([along_x, along_y, along_anti], 1).argmin(1)  # (n,)
+    changes = (z[:, :, 1:] - z[:, :, :-1], z[:, 1:, :] - z[:, :-1, :], z[:, 1:, :-1] - z[:, :-1, 1:])
+    return torch.stack([d.abs().mean((1, 2)) for d in changes], 1).argmin(1)  # (n,)
 
 
 def _stripe_residual(z, y):
@@ -453,9 +454,7 @@ if __name__ == "__main__":
     import figures
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    start = time.time()
-    gen = torch.Generator().manual_seed(0)
+    start, gen = time.time(), torch.Generator().manual_seed(0)
     z_data, y_data = _toy_latents(4096, gen)  # (4096, 1, 8, 8), (4096,)
     # scale factor from data, as for real VAE latents: the diffusion sees unit-variance latents
     scale = estimate_scale_factor(z_data)

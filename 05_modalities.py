@@ -67,8 +67,8 @@ class Modality:
     train.py calls: load (then keeps data_settings), build_vae, latent_shape, encoder_input,
     stack_planes, training_batch, values_per_item, recon, evaluate, describe, preview,
     unstack_planes, write_sheet. sample.py calls: build_vae, latent_shape, unstack_planes,
-    sample_outputs, reconstruct, write_sheet. A new modality must fill in load and build_encoder
-    (or build_vae), and grid and held_out (or the outputs that use them).
+    sample_arrays, sheet, write_samples, reconstruct, write_sheet. A new modality must fill in
+    load and build_encoder (or build_vae), and grid and held_out (or the outputs that use them).
     """
 
     name = ""  # the --modality value
@@ -79,6 +79,7 @@ class Modality:
     embed_mult = 1  # field_ch-wide embeddings the lookup returns per scale (3 for concatenated tri-planes)
     eval_batch, recon_batch, sheet_items = 64, 32, 8  # items per batch in evaluate / reconstruct; per sheet row
     upsample = "bicubic"  # the plain interpolation that --reconstruct compares the INR with
+    has_time = False  # whether sample.py's --frames means something (videos' frames, NeRF's turntable views)
 
     def __init__(self, cfg):
         self.resolution = cfg["resolution"]  # side of the data: pixels, or voxels for shapes
@@ -215,20 +216,30 @@ class Modality:
         """One line of the validation scores."""
         return f"validation PSNR {scores['psnr']:.2f} dB"
 
-    def sample_outputs(self, vae, fields, resolutions, out=None, frames=None):
-        """sample.py: sampled INRs rendered at every resolution -> (sheet rows, row names)."""
-        sizes = [self.size(R, frames) for R in resolutions]
-        return [self.render(vae, fields, s).cpu() for s in sizes], [self.size_name(s) for s in sizes]
+    def sample_arrays(self, vae, fields, resolutions, frames=None):
+        """sample.py: the sampled INRs' outputs at every resolution, {str(R): (B, ...) in [-1, 1]}: what the
+        sheet shows and, for more samples than it holds, what is stored for every sample."""
+        return {str(R): self.render(vae, fields, self.size(R, frames)).cpu() for R in resolutions}
+
+    def sheet(self, arrays, frames=None):
+        """(rows, row names) of a sample sheet from sample_arrays (here one row per resolution)."""
+        return list(arrays.values()), [self.size_name(self.size(int(k), frames)) if k.isdigit() else k for k in arrays]
+
+    def write_samples(self, vae, fields, resolutions, stem, first):
+        """Files of their own for the samples first, first + 1, ... (none here; shapes write meshes)."""
 
     def held_out(self, source, resolutions, n, frames=None):
-        """--reconstruct's data: (encoder input at the training size, {resolution: the truth at that size})."""
+        """--reconstruct's data, the first n items (None: 16 synthetic ones, or all of a dataset):
+        (encoder input at the training size, {resolution: the truth at that size})."""
         raise NotImplementedError
 
     def reconstruct(self, vae, source, resolutions, n, device, frames=None):
         """sample.py --reconstruct: encode the items of `source` at the training size, render each INR at
-        every resolution and print its PSNR against the truth there, beside the PSNR of plain
-        interpolation (self.upsample) of the training-size reconstruction -> (sheet rows, row names).
+        every resolution (None: the training one) and print its PSNR against the truth there, beside
+        the PSNR of plain interpolation (self.upsample) of the training-size reconstruction -> (sheet
+        rows, row names).
         """
+        resolutions = resolutions or [self.resolution]
         x_in, truth = self.held_out(source, resolutions, n, frames)
         size0 = self.size(self.resolution)
         rows, names = [], []
@@ -285,13 +296,13 @@ class ImageModality(Modality):
         return inr.coord_grid(*size, device)  # (H, W, 2), pixel centres
 
     def held_out(self, source, resolutions, n, frames=None):
-        """"synthetic": the first n held-out synthetic images, exact at every resolution; else a folder or .npz."""
+        """"synthetic": held-out synthetic images, exact at every resolution; else a folder or .npz, read once."""
         R0 = self.resolution
         if source == "synthetic":
-            params = {k: v[:n] for k, v in self.held_out_params().items()}
+            params = {k: v[:n or 16] for k, v in self.held_out_params().items()}
             return inr.synthetic_images(params, R0, R0), {R: inr.synthetic_images(params, R, R) for R in resolutions}
-        x_in = readers.read_images(source, R0, flag="--reconstruct")
-        return x_in, {R: self.encoder_input(readers.read_images(source, R, flag="--reconstruct")) for R in resolutions}
+        x = readers.read_images_at(source, {R0, *resolutions}, "--reconstruct", n)
+        return x[R0], {R: self.encoder_input(x[R]) for R in resolutions}
 
 
 def demo_settings(**changes):

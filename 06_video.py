@@ -123,6 +123,7 @@ class VideoModality(M.Modality):
     synthetic_train, synthetic_val = 1000, 64
     eval_batch, recon_batch, sheet_items = 16, 8, 6
     upsample = "trilinear"  # in x, y and t
+    has_time = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -167,13 +168,13 @@ class VideoModality(M.Modality):
         formats, compared at their own frames (the first T of each)."""
         R0, T0, T = self.resolution, self.frames, frames or self.frames
         if source == "synthetic":
-            params = {k: v[:n] for k, v in self.held_out_params().items()}
+            params = {k: v[:n or 16] for k, v in self.held_out_params().items()}
             return synthetic_clips(params, T0, R0, R0), {R: synthetic_clips(params, T, R, R) for R in resolutions}
         if T != T0:
             raise SystemExit(f"--frames {T}: data clips are compared at their own {T0} frames; "
                              f"use --reconstruct synthetic for other frame rates")
-        x_in = readers.read_clips(source, T0, R0, flag="--reconstruct")
-        return x_in, {R: self.encoder_input(readers.read_clips(source, T, R, flag="--reconstruct")) for R in resolutions}
+        x = readers.read_clips_at(source, T0, {R0, *resolutions}, "--reconstruct", n)
+        return x[R0], {R: self.encoder_input(x[R]) for R in resolutions}
 
     def write_sheet(self, rows, path, row_names=None, title=None):
         """A frame strip PNG at `path` and the animated GIF beside it (.png -> .gif)."""

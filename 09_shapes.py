@@ -337,8 +337,7 @@ class ShapeModality(M.Modality):
 
     def from_npz(self, path, flag):
         """Items of an .npz of surface points + grids: a random subset of the points, queries labelled by the grid."""
-        d = readers.read_shape_npz(path, flag)
-        g = torch.Generator().manual_seed(self.seed)
+        d, g = readers.read_shape_npz(path, flag), torch.Generator().manual_seed(self.seed)
         surface = d["surface"][:, torch.randperm(d["surface"].shape[1], generator=g)[:self.num_surface]]
         points = query_points(surface, self.num_queries, g)
         return {"x": surface, "points": points, "occ": grid_occupancy(d["grid"], points), "grid": d["grid"],
@@ -387,9 +386,12 @@ class ShapeModality(M.Modality):
     def grid(self, size, device=None):
         return voxel_grid(size[0], device)  # (R, R, R, 3)
 
+    def size(self, resolution, frames=None):
+        return (resolution,) * 3  # an R^3 grid of voxels
+
     def logit_grid(self, vae, fields, R):
         """The decoded shapes' logits on the R^3 voxel-centre grid, (B, R, R, R)."""
-        return self.query_grid(vae, fields, (R, R, R))[..., 0]
+        return self.query_grid(vae, fields, self.size(R))[..., 0]
 
     def preview(self, vae, fields, size=96):
         """Shaded pictures of the decoded shapes, ray marched through the occupancy function (file 08)."""
@@ -445,36 +447,36 @@ class ShapeModality(M.Modality):
             clouds.append(G.sample_mesh_surface(verts, faces, num_points, g) if len(faces) else torch.zeros(num_points, 3))
         return torch.stack(clouds)
 
-    def sample_outputs(self, vae, fields, resolutions, out=None, frames=None):
-        """sample.py: a mesh per sample and resolution (<out>_<k>_<R>.obj, surface nets at R^3), and their previews."""
-        if out is not None:
-            stem = os.path.splitext(out)[0]
-            for R in resolutions:
-                for k, grid in enumerate(self.logit_grid(vae, fields, R).cpu()):
-                    G.write_obj(f"{stem}_{k}_{R}.obj", *G.extract_mesh(grid, 0.0))
-            print(f"wrote {len(fields[0]) * len(resolutions)} meshes {stem}_<k>_<R>.obj (surface nets at "
-                  + ", ".join(f"{R}^3" for R in resolutions) + ")")
-        return [self.preview(vae, fields).cpu()], ["samples"]
+    def sample_arrays(self, vae, fields, resolutions, frames=None):
+        """sample.py: shaded pictures of the samples (their meshes are write_samples')."""
+        return {"preview": self.preview(vae, fields).cpu()}
+
+    def write_samples(self, vae, fields, resolutions, stem, first):
+        """A mesh per sample and resolution, <stem>_<k>_<R>.obj (surface nets on the R^3 grid, file 07)."""
+        for R in resolutions:
+            for k, grid in enumerate(self.logit_grid(vae, fields, R).cpu(), start=first):
+                G.write_obj(f"{stem}_{k}_{R}.obj", *G.extract_mesh(grid, 0.0))
 
     def reconstruct(self, vae, source, resolutions, n, device, frames=None):
         """sample.py --reconstruct: encode every shape of `source` ("synthetic": n held-out ones; an .npz of grids
         + surface points; a ConvONet folder, its test.lst) from its surface points, print the IoU and the
         Chamfer distance between 2048 points of the mesh and 2048 of the data's surface -> previews."""
+        if resolutions:
+            raise SystemExit("--resolution: shapes are compared on the data's own grid (or query points); leave it out")
         if source == "synthetic":
             items = self.held_out_synthetic()
         elif source.lower().endswith(".npz") and os.path.isfile(source):
             items = self.from_npz(source, "--reconstruct")
         else:
             items = readers.read_convonet(source, self.num_surface, self.num_queries, "test", self.seed, "--reconstruct")
-        m = min(n, len(items["x"])) if source == "synthetic" else len(items["x"])  # a file: every shape
+        m = min(n or (16 if source == "synthetic" else len(items["x"])), len(items["x"]))  # data: every shape
         scores, rows, names = self.evaluate(vae, items, device, n=m, chamfer=True)
         shape_names = items.get("names") or [f"#{i}" for i in range(m)]
         print("per shape (IoU, Chamfer): " + ", ".join(f"{nm} {iou:.3f} {c:.4f}" for nm, iou, c in
                                                        zip(shape_names, scores["iou_each"], scores["chamfer_each"])))
-        cd = sum(scores["chamfer_each"]) / m
         grid = f"{items['grid'].shape[-1]}^3 grid" if "grid" in items else "query points"
-        print(f"{m} shapes: mean IoU {scores['iou']:.3f} ({grid}), "
-              f"Chamfer distance {cd:.5f} (squared, in [-1, 1]^3 units)")
+        print(f"{m} shapes: mean IoU {scores['iou']:.3f} ({grid}), Chamfer distance "
+              f"{sum(scores['chamfer_each']) / m:.5f} (squared, in [-1, 1]^3 units)")
         return rows, names
 
 

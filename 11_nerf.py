@@ -84,6 +84,7 @@ class NerfModality(M.Modality):
     out_ch = 1 + features
     synthetic_train, synthetic_val = 1000, 16
     num_points, encoder_points = 2048, 1024  # coloured points kept per synthetic scene; points the encoder sees
+    has_time = True  # sample.py's --frames: the views of a turntable
     # what `load` learns about the data (the cameras of previews and turntables; scenes to auto-decode)
     DATA_KEYS = ("num_scenes", "up", "cam_radius", "cam_elevation", "fov", "near", "far", "scene_names")
 
@@ -235,17 +236,19 @@ class NerfModality(M.Modality):
         score, _, truths, recs = self.compare(vae, val, device)
         return {"psnr": score}, [torch.cat(truths)[:8], torch.cat(recs)[:8]], ["held out", "rendered"]
 
-    def sample_outputs(self, vae, fields, resolutions, out=None, frames=None):
-        """sample.py: a turntable of `frames` views (12 by default) per sample at every resolution -> rows."""
+    def sample_arrays(self, vae, fields, resolutions, frames=None):
+        """sample.py: a turntable of `frames` views (12 by default) per sample at every resolution, (B, 3, T, R, R)."""
         T = frames or 12
-        rows, names = [], []
-        for k in range(min(8, fields[0].shape[0])):
-            one = [f[k:k + 1] for f in fields]
-            for size in resolutions:
-                c2w, intr = self.cameras([360.0 * t / T for t in range(T)], size)
-                rows.append(self.render_views(vae, one, c2w, intr, size).cpu())
-                names.append(f"#{k} {size}x{size}")
-        return rows, names
+        arrays = {}
+        for size in resolutions:
+            c2w, intr = self.cameras([360.0 * t / T for t in range(T)], size)
+            arrays[str(size)] = self.render_views(vae, fields, c2w, intr, size).cpu()
+        return arrays
+
+    def sheet(self, arrays, frames=None):
+        """A row per sample (8 at most) and resolution, its turntable along the row."""
+        n = min(8, len(next(iter(arrays.values()))))
+        return [a[k:k + 1] for k in range(n) for a in arrays.values()], [f"#{k} {R}x{R}" for k in range(n) for R in arrays]
 
     def reconstruct(self, vae, source, resolutions, n, device, frames=None):
         """sample.py --reconstruct: render the cameras of `source` and print the mean PSNR against its pictures.
@@ -254,6 +257,9 @@ class NerfModality(M.Modality):
         posed pictures in any format of --data, whose scenes are matched to the model's by name.
         """
         num_scenes = self.data_settings["num_scenes"]
+        if resolutions:
+            raise SystemExit("--resolution: scenes are rendered at their pictures' size (the run's --resolution); "
+                             "leave it out")
         if source == "synthetic":
             if num_scenes:
                 raise SystemExit("--reconstruct synthetic: this model was auto-decoded from posed pictures; "
@@ -273,7 +279,7 @@ class NerfModality(M.Modality):
                                      f"({', '.join(known[:5])}{', ...' if len(known) > 5 else ''})")
             items = readers.stack_scenes(scenes, "--reconstruct", source)
             items["x"] = torch.tensor([known.index(s["name"]) if len(known) > 1 else 0 for s in scenes])
-        score, each, truths, recs = self.compare(vae, items, device, n=n if source == "synthetic" else None)
+        score, each, truths, recs = self.compare(vae, items, device, n=n or (16 if source == "synthetic" else None))
         views, H = sum(len(t) for t in truths), truths[0].shape[-1]
         print(f"{len(each)} scene(s), {views} views at {H}x{H}: mean PSNR {score:.2f} dB"
               + ("" if len(each) == 1 else " (" + ", ".join(f"{p:.2f}" for p in each) + ")"))

@@ -50,8 +50,7 @@ def write_failed(path, error):
         with contextlib.suppress(OSError):
             full = shutil.disk_usage(folder).free < 2 ** 20
     reason = "no space left" if full else getattr(error, "strerror", None) or str(error).splitlines()[0]
-    last = (f"; the last checkpoint {LAST_SAVED['path']}, {LAST_SAVED['what']}, is intact" if LAST_SAVED
-            else "; no checkpoint was written yet")
+    last = f"; the last checkpoint {LAST_SAVED['path']}, {LAST_SAVED['what']}, is intact" if LAST_SAVED else ""
     return WriteFailed(f"{reason} on {folder} while writing {os.path.basename(path)}{last}")
 
 
@@ -74,6 +73,11 @@ def write_atomically(path, write, tmp=None):
 def save_checkpoint(state, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a broken ckpt.pt."""
     write_atomically(path, lambda tmp: torch.save(state, tmp))
+    remember_checkpoint(path, state)
+
+
+def remember_checkpoint(path, state):
+    """Remember `path` as the last whole checkpoint (what a failed write's message points to)."""
     s1, s2 = state.get("stage1", {}), state.get("stage2", {})
     LAST_SAVED.update(path=path, what=f"stage 2 step {s2['step']}" if s2.get("step") else f"stage 1 step {s1.get('step')}")
 
@@ -130,6 +134,7 @@ def open_run(cfg, given):
         # and the device is detected again (a GPU run may continue on a CPU)
         cfg = {**cfg, **saved, **{k: cfg[k] for k in config.RESUME_FLAGS if k in given or k in ("out", "device", "resume")}}
         print(f"continuing {run}: stage 1 at step {ck['stage1']['step']}, stage 2 at step {ck['stage2']['step']}")
+        remember_checkpoint(ckpt_path, ck)
         return cfg, ck, source
     if cfg["stage"] == "ldm":
         raise SystemExit(f"--stage ldm: no trained VAE in {run} (run --stage vae with the same --out first)")
@@ -449,25 +454,30 @@ def fmt_time(seconds):
 class Budget:
     """Steps of a stage, bounded by --steps and --max-minutes.
 
-    With a time bound, the planned number of steps (which the KL annealing follows) is fixed
-    after `probe` steps from the measured speed, then kept (also across --resume).
+    With a time bound, the planned number of steps (which the KL annealing follows) comes from the
+    speed of the last `probe` steps and is estimated again every `probe` steps: a slow start
+    (another process on the cores, warm-up, a first compile) or a change of speed moves the plan,
+    so the stage ends close to its time bound. Without one the plan is --steps, or the plan a
+    continued run was saved with.
     """
 
     def __init__(self, steps, max_minutes, plan=None, probe=20):
-        steps = steps or 10**9  # 0: bounded by time alone
-        self.steps, self.seconds, self.plan, self.probe = steps, max_minutes * 60, plan, probe
-        self.t0, self.start_step = time.time(), None
+        self.steps, self.seconds, self.plan, self.probe = steps or 10**9, max_minutes * 60, plan, probe  # 0: time alone
+        self.t0, self.mark = time.time(), None  # mark: (step, time) of the last estimate
 
     def planned(self, step):
-        if self.plan is None:
-            if self.start_step is None:
-                self.start_step, self.t0 = step, time.time()
-            if not self.seconds:
-                self.plan = self.steps
-            elif step - self.start_step >= self.probe:
-                rate = (step - self.start_step) / (time.time() - self.t0)
-                # with several processes: rank 0's plan (all of them reach this line at the same step)
-                self.plan = from_rank0(min(self.steps, step + int(rate * (self.seconds - (time.time() - self.t0)))))
+        if self.mark is None:  # the first call: the stage, or this continuation of it, starts now
+            self.t0 = time.time()
+            self.mark = (step, self.t0)
+        if not self.seconds:
+            self.plan = self.plan or self.steps
+        elif step - self.mark[0] >= self.probe:
+            # steps per second over the last `probe` steps, then as many more steps as fit in the time left
+            now = time.time()
+            rate = (step - self.mark[0]) / max(now - self.mark[1], 1e-9)
+            self.mark = (step, now)
+            # with several processes: rank 0's plan (all of them reach this line at the same step)
+            self.plan = from_rank0(min(self.steps, step + int(rate * (self.seconds - (now - self.t0)))))
         return self.plan if self.plan is not None else self.steps
 
     def done(self, step):

@@ -8,6 +8,7 @@ a reader never sees a half-written PNG or GIF, and a full disk is one line, not 
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -102,3 +103,32 @@ def plot_losses(history, path):
     fig.tight_layout()
     _save(fig, path, dpi=100)
     plt.close(fig)
+
+
+class ArrayFile:
+    """Samples in [-1, 1] stored as one uint8 .npy of a known shape (n, ...), written a batch at a time,
+    so memory holds one batch and not all of them; renamed into place by close()."""
+
+    def __init__(self, path, shape):
+        self.path, self.tmp = path, path + ".tmp"
+        self._do(lambda: setattr(self, "f", open(self.tmp, "wb")))
+        header = {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}
+        self._do(lambda: np.lib.format.write_array_header_1_0(self.f, header))
+
+    def _do(self, write):
+        try:
+            write()
+        except OSError as e:  # a full disk: no partial file left behind
+            if hasattr(self, "f"):
+                self.f.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+            raise engine.write_failed(self.path, e) from None
+
+    def write(self, x):  # x (b, ...) in [-1, 1]
+        data = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy().tobytes()
+        self._do(lambda: self.f.write(data))
+
+    def close(self):
+        self.f.close()
+        self._do(lambda: os.replace(self.tmp, self.path))

@@ -12,6 +12,7 @@ expected, and never runs code from a file (`np.load(..., allow_pickle=False)`).
 import json
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -72,8 +73,27 @@ def find_images(folder, flag="--data"):
 
 def read_image(path, resolution, flag="--data"):
     """One image file -> uint8 (3, R, R): centre-cropped, resized; grey repeated to RGB, alpha dropped."""
-    rgb = np.ascontiguousarray(np.moveaxis(read_picture(path, flag)[..., :3], -1, -3))  # (3, H, W)
-    return square_uint8(torch.from_numpy(rgb)[None], resolution)[0]
+    return read_image_at(path, [resolution], flag)[resolution]
+
+
+def read_image_at(path, sizes, flag="--data"):
+    """One image file, decoded once -> {R: uint8 (3, R, R)} for every size R."""
+    rgb = torch.from_numpy(np.ascontiguousarray(np.moveaxis(read_picture(path, flag)[..., :3], -1, -3)))[None]
+    return {R: square_uint8(rgb, R)[0] for R in sizes}
+
+
+class Progress:
+    """A line every 10 s for long reads: items done, items per second, time left."""
+
+    def __init__(self, total, what):
+        self.total, self.what, self.t0, self.last = total, what, time.time(), time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= 10 and done < self.total:
+            rate = done / (now - self.t0)
+            print(f"{self.what}: {done}/{self.total} ({rate:.0f}/s, {(self.total - done) / rate:.0f} s left)", flush=True)
+            self.last = now
 
 
 def read_npz_array(path, names, flag):
@@ -92,35 +112,56 @@ def read_npz_array(path, names, flag):
         raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {str(e)[:120]})")
 
 
-def read_npz_images(path, resolution, flag="--data"):
-    """An .npz holding one image array (key 'images', or its only array) -> uint8 (n, 3, R, R).
+def read_npz_images(path, sizes, flag="--data", n=None):
+    """An .npz holding one image array (key 'images', or its only array), its first n images
+    -> {R: uint8 (n, 3, R, R)} for every size R.
 
     The array is (n, H, W) greyscale or (n, H, W, C) with C = 1, 3 or 4; uint8, or float in [0, 1].
     """
     a, key = read_npz_array(path, ("images",), flag)
+    a = a[:n]
     shape_ok = a.ndim == 3 or (a.ndim == 4 and a.shape[-1] in (1, 3, 4))
     kind_ok = a.dtype == np.uint8 or (a.dtype.kind == "f" and a.size and 0 <= a.min() and a.max() <= 1)
     if not (shape_ok and kind_ok and len(a) > 0):
         raise SystemExit(f"{flag} {path}: array '{key}' is {a.dtype} {a.shape}; expected (n, H, W) or "
                          f"(n, H, W, C) with C = 1, 3 or 4, uint8 or float in [0, 1]")
     a = a[..., None] if a.ndim == 3 else a  # (n, H, W, C)
-    # in chunks, so a large uint8 array is never converted to float all at once
-    return torch.cat([square_uint8(torch.from_numpy(to_unit_rgb(a[i:i + 256])), resolution)
-                      for i in range(0, len(a), 256)])
+    out = {R: [] for R in sizes}
+    for i in range(0, len(a), 256):  # in chunks, so a large uint8 array is never converted to float all at once
+        x = torch.from_numpy(to_unit_rgb(a[i:i + 256]))
+        for R in sizes:
+            out[R].append(square_uint8(x, R))
+    return {R: torch.cat(v) for R, v in out.items()}
 
 
 def read_images(path, resolution, flag="--data"):
     """A folder of image files, or an .npz holding an image array -> uint8 (n, 3, R, R)."""
+    return read_images_at(path, [resolution], flag)[resolution]
+
+
+def read_images_at(path, sizes, flag="--data", n=None):
+    """The first n images (None: all) of a folder or an .npz, each decoded once -> {R: uint8 (n, 3, R, R)}."""
     if path.lower().endswith(".npz") and os.path.isfile(path):
-        return read_npz_images(path, resolution, flag)
-    return torch.stack([read_image(p, resolution, flag) for p in find_images(path, flag)])
+        return read_npz_images(path, sizes, flag, n)
+    paths = find_images(path, flag)[:n]
+    progress, images = Progress(len(paths), f"{flag} {path}: reading images"), []
+    for i, p in enumerate(paths):
+        images.append(read_image_at(p, sizes, flag))
+        progress(i + 1)
+    return {R: torch.stack([im[R] for im in images]) for R in sizes}
 
 
 # ----------------------------------------------------------------------------------------
 # Clips
 # ----------------------------------------------------------------------------------------
 def read_clips(path, frames, resolution, flag="--data"):
-    """A clip folder (SkyTimelapse layout) or an .npz/.npy clip array -> uint8 (n, 3, T, R, R).
+    """A clip folder or a clip array -> uint8 (n, 3, T, R, R) (see read_clips_at)."""
+    return read_clips_at(path, frames, [resolution], flag)[resolution]
+
+
+def read_clips_at(path, frames, sizes, flag="--data", n=None):
+    """The first n clips (None: all) of a clip folder (SkyTimelapse layout) or an .npz/.npy clip array,
+    each frame decoded once -> {R: uint8 (n, 3, T, R, R)} for every size R.
 
     Folder: path/<clip>/ (or path/<group>/<clip>/) holds one clip's frames as .png/.jpg,
     in name order; each clip gives its first T frames (shorter clips are skipped, and said).
@@ -140,29 +181,30 @@ def read_clips(path, frames, resolution, flag="--data"):
         if not ok:
             raise SystemExit(f"{flag} {path}: {key} is {a.dtype} {a.shape}; expected clips (n, T, H, W, 3) or "
                              f"(n, T, H, W), uint8 or float in [0, 1], with T >= {frames} frames")
-        a = a[:, :frames]
+        a = a[:n, :frames]
         a = a[..., None] if a.ndim == 4 else a  # (n, T, H, W, C)
-        # every frame is an image: fold time into the batch, in chunks of clips
-        out = [square_uint8(torch.from_numpy(to_unit_rgb(np.asarray(a[i:i + 16]).reshape(-1, *a.shape[2:]))), resolution)
-               for i in range(0, len(a), 16)]
-        return torch.cat(out).reshape(len(a), frames, 3, resolution, resolution).transpose(1, 2).contiguous()
+        out = {R: [] for R in sizes}
+        for i in range(0, len(a), 16):  # every frame is an image: time folded into the batch, 16 clips at a time
+            x = torch.from_numpy(to_unit_rgb(np.asarray(a[i:i + 16]).reshape(-1, *a.shape[2:])))
+            for R in sizes:
+                out[R].append(square_uint8(x, R))
+        return {R: torch.cat(v).reshape(len(a), frames, 3, R, R).transpose(1, 2).contiguous() for R, v in out.items()}
     if not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: not a folder or an .npz/.npy file (expected a folder of clip "
                          f"sub-folders of frames, or a clip array)")
     clips, lengths = [], []
     for root, _, files in sorted(os.walk(path)):  # clip folders in path order
         frame_files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-        if root != path and frame_files:
+        if root != path and frame_files and (n is None or len(clips) < n):
             lengths.append(len(frame_files))
             if len(frame_files) >= frames:  # (name order: zero-padded frame numbers sort right)
-                clips.append(torch.stack([read_image(os.path.join(root, f), resolution, flag)
-                                          for f in frame_files[:frames]], 1))
+                clips.append([read_image_at(os.path.join(root, f), sizes, flag) for f in frame_files[:frames]])
     if not clips:
         raise SystemExit(f"{flag} {path}: no clip with {frames} frames or more (found {len(lengths)} clip folder(s), "
                          f"longest {max(lengths, default=0)} frames); expected {path}/<clip>/<frame>.png")
     if len(clips) < len(lengths):
         print(f"{flag} {path}: skipped {len(lengths) - len(clips)} clip(s) shorter than {frames} frames")
-    return torch.stack(clips)  # (n, 3, T, R, R)
+    return {R: torch.stack([torch.stack([f[R] for f in clip], 1) for clip in clips]) for R in sizes}  # (n, 3, T, R, R)
 
 
 # ----------------------------------------------------------------------------------------

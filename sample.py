@@ -3,17 +3,22 @@
     python sample.py --ckpt runs/image/ckpt.pt                         # 16 samples at the training resolution
     python sample.py --ckpt runs/image/ckpt.pt --resolution 32,64,128  # the same samples at three resolutions
     python sample.py --ckpt runs/image/ckpt.pt --label 2 --guidance 3  # classifier-free guidance
+    python sample.py --ckpt runs/image/ckpt.pt --n 10000               # a sheet of 64, all 10000 in sample_32.npy
     python sample.py --ckpt runs/faces/ckpt.pt --reconstruct ./test_faces --resolution 128
     python sample.py --ckpt runs/video/ckpt.pt --frames 32             # videos: twice the training frame rate
     python sample.py --ckpt runs/nerf/ckpt.pt --resolution 48,96 --frames 24   # NeRF: turntables (PNG + GIF)
 
 Sampling: DDPM/DDIM in latent space (file 04) -> the VAE's decoder -> basis fields -> the
-read-out at the coordinates of any grid. Reconstruction: encode each item at the training
-resolution, render its INR at every --resolution, and compare with the data there
+read-out at the coordinates of any grid, --batch samples at a time. Every sample has its own
+noise (seeded by --seed and its number), so the samples do not depend on the batch size. A sheet
+shows at most 64 samples; beyond that every sample is also stored in one .npy per resolution
+(uint8, beside the sheet), and shapes write a mesh per sample. Reconstruction: encode each item at
+the training resolution, render its INR at every --resolution, and compare with the data there
 (`--reconstruct synthetic`: the built-in data, exact at every resolution).
 """
 import argparse
 import importlib
+import math
 import os
 import sys
 import time
@@ -22,9 +27,12 @@ import torch
 
 import config
 import engine
+import figures
 
 M = importlib.import_module("05_modalities")
 T = importlib.import_module("train")
+
+SHEET = 64  # samples a sheet shows at most
 
 
 def positive_ints(text):
@@ -40,27 +48,31 @@ def positive_ints(text):
 def parse_args(argv):
     p = config.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a run")
-    p.add_argument("--n", type=int, default=16, help="number of samples (--reconstruct synthetic: of held-out items)")
+    p.add_argument("--n", type=int, default=None, help="samples (16); --reconstruct: items (all, or 16 synthetic)")
+    p.add_argument("--batch", type=int, default=None, help="samples made at a time (64, fewer for large outputs)")
     p.add_argument("--resolution", type=positive_ints, default=None,
                    help="R or R1,R2,..: output sizes (pixels; shapes: the mesh grid R^3); default: the run's --resolution")
     p.add_argument("--frames", type=int, default=None,
                    help="videos: frames to render, any number (default: the run's); NeRF: turntable views (default 12)")
     p.add_argument("--sample-steps", type=int, default=None, help="denoising steps; default: the run's")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 as much as DDPM")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampler's noise: same seed, same samples")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (the default), 1 as much as DDPM")
+    p.add_argument("--seed", type=int, default=None, help="seeds the samples' noise (0): same seed, same samples")
     p.add_argument("--label", type=int, default=None, help="class to sample (labelled data only)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w (1: none)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (1: none)")
     p.add_argument("--reconstruct", default=None, help="data to reconstruct, in any format --data takes, or 'synthetic'")
     p.add_argument("--out", default=None, help="output PNG; default: sample.png or reconstruct.png beside the checkpoint")
     p.add_argument("--device", default="", help="cpu or cuda; default: cuda when available")
     a = p.parse_args(argv)
-    if a.n < 1:
-        p.error(f"--n {a.n}: expected a positive number")
-    if a.frames is not None and a.frames < 1:
-        p.error(f"--frames {a.frames}: expected a positive number")
+    for name in ("n", "batch", "frames"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name} {getattr(a, name)}: expected a positive number")
     if a.sample_steps is not None and not 1 <= a.sample_steps <= 1000:
         p.error(f"--sample-steps {a.sample_steps}: expected 1..1000")
+    if a.reconstruct is not None:  # the sampler's flags do nothing when reconstructing
+        if given := [f for f in ("sample_steps", "sampler", "eta", "seed", "label", "guidance", "batch")
+                     if getattr(a, f) is not None]:
+            p.error(f"--{given[0].replace('_', '-')}: a sampling flag; it does nothing with --reconstruct")
     return a
 
 
@@ -88,27 +100,59 @@ def load_run(path, device):
 
 @torch.no_grad()
 def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
+    """Generate a.n samples in batches; write the sheet (and, beyond it, the .npy files and meshes).
+    -> the sheet's sample arrays, {str(R): (b, ...)}; with write=False all n, and nothing written."""
     if ldm is None:
         raise SystemExit(f"{a.ckpt}: has no stage-2 (diffusion) weights; train with --stage ldm, or use --reconstruct")
     K = ck["num_classes"]
     if a.label is not None and not 0 <= a.label < K:
         raise SystemExit(f"--label {a.label}: this model has {K} classes" + (" (it is unconditional)" if K == 0 else ""))
-    y = None
-    if K:  # a given class, or the classes in turn
-        y = torch.full((a.n,), a.label) if a.label is not None else torch.arange(a.n) % K
+    if a.guidance is not None and K == 0:
+        raise SystemExit(f"--guidance {a.guidance}: this model is unconditional (no classes to guide towards)")
     sampler, steps = a.sampler or cfg["sampler"], a.sample_steps or cfg["sample_steps"]
-    t0 = time.time()
-    z = ldm.sample((a.n, *mod.latent_shape), steps=steps, sampler=sampler, eta=a.eta, y=y, guidance=a.guidance,
-                   generator=torch.Generator().manual_seed(a.seed))
-    fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
+    if a.eta is not None and sampler != "ddim":
+        raise SystemExit(f"--eta {a.eta}: only DDIM has eta; the sampler is {sampler}")
+    n, seed = a.n or 16, a.seed or 0
+    # a given class, or the classes in turn
+    labels = (torch.full((n,), a.label) if a.label is not None else torch.arange(n) % K) if K else None
+    # outputs of about 4M values per sample and batch at most (a 2048x2048 picture: one at a time)
+    values = math.prod(mod.size(max(resolutions), a.frames))
+    batch = a.batch or max(1, min(SHEET, 2 ** 22 // values))
     out = a.out or os.path.join(os.path.dirname(a.ckpt), "sample.png")
-    # the same INRs at every resolution (shapes: also one mesh per sample, written next to out)
-    rows, names = mod.sample_outputs(vae, fields, resolutions, out if write else None, a.frames)
+    stem, stores, kept, t0 = os.path.splitext(out)[0], {}, {}, time.time()
+    for first in range(0, n, batch):
+        b = min(batch, n - first)
+        # sample i's noise from its own generator: the same samples whatever the batch size
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(first, first + b)]
+        z = ldm.sample((b, *mod.latent_shape), steps=steps, sampler=sampler, eta=a.eta or 0.0,
+                       y=None if labels is None else labels[first:first + b], guidance=a.guidance or 1.0, generator=gens)
+        fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
+        arrays = mod.sample_arrays(vae, fields, resolutions, a.frames)
+        for name, x in arrays.items():
+            if not write:  # every sample, in memory
+                kept[name] = torch.cat([kept[name], x]) if name in kept else x
+            elif first < SHEET:  # the sheet's samples
+                kept[name] = (torch.cat([kept[name], x]) if name in kept else x)[:SHEET]
+        if write:
+            mod.write_samples(vae, fields, resolutions, stem, first)  # shapes: a mesh per sample
+            if n > SHEET:  # every sample, in one uint8 .npy per resolution
+                for name, x in arrays.items():
+                    if name not in stores:
+                        stores[name] = figures.ArrayFile(f"{stem}_{name}.npy", (n, *x.shape[1:]))
+                    stores[name].write(x)
+        if n > batch:
+            rate = (first + b) / (time.time() - t0)
+            print(f"[sample] {first + b}/{n}  {rate:.2f} samples/s  ETA {engine.fmt_time((n - first - b) / rate)}",
+                  flush=True)
     if not write:
-        return rows
-    print(f"sampled {a.n} latents ({sampler}, {steps} steps) and rendered at {resolutions} in {time.time() - t0:.1f} s")
-    mod.write_sheet(rows, out, names, f"{a.n} samples, {sampler} {steps} steps, seed {a.seed}"
-                    + (f", label {a.label}, guidance {a.guidance}" if a.label is not None else ""))
+        return kept
+    for store in stores.values():
+        store.close()
+    print(f"sampled {n} latents ({sampler}, {steps} steps) and rendered them at {resolutions} in {time.time() - t0:.1f} s"
+          + (f"; all of them in {stem}_<R>.npy" if stores else ""))
+    rows, names = mod.sheet(kept, a.frames)
+    mod.write_sheet(rows, out, names, f"{min(n, SHEET)} of {n} samples, {sampler} {steps} steps, seed {seed}"
+                    + (f", label {a.label}, guidance {a.guidance or 1.0}" if a.label is not None else ""))
     print(f"wrote {out}")
     return rows
 
@@ -127,11 +171,12 @@ def run(a):
     if a.out and os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
         raise SystemExit(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist")
     ck, cfg, mod, vae, ldm = load_run(a.ckpt, device)
-    resolutions = a.resolution or [cfg["resolution"]]
+    if a.frames is not None and not mod.has_time:
+        raise SystemExit(f"--frames {a.frames}: a {cfg['modality']} model has no frames")
     if a.reconstruct is None:
-        return sample(a, ck, cfg, mod, vae, ldm, resolutions)
-    with torch.no_grad():
-        rows, names = mod.reconstruct(vae, a.reconstruct, resolutions, a.n, device, a.frames)  # prints the scores
+        return sample(a, ck, cfg, mod, vae, ldm, a.resolution or [cfg["resolution"]])
+    with torch.no_grad():  # (prints the scores)
+        rows, names = mod.reconstruct(vae, a.reconstruct, a.resolution, a.n, device, a.frames)
     out = a.out or os.path.join(os.path.dirname(a.ckpt), "reconstruct.png")
     mod.write_sheet(rows, out, names, f"reconstructions ({a.reconstruct})")
     print(f"wrote {out}")

@@ -102,13 +102,10 @@ def main():
         S = importlib.import_module("sample")
         ck, cfg, mod, vae, ldm = S.load_run(a.ckpt, torch.device("cpu"))
         R = cfg["resolution"]
-        fakes = []
-        for i in range(0, a.n, 100):
-            flags = ["--ckpt", a.ckpt, "--n", str(min(100, a.n - i)), "--seed", str(a.seed + i)]
-            flags += (["--sample-steps", str(a.sample_steps)] if a.sample_steps else [])
-            flags += ["--sampler", a.sampler] if a.sampler else []
-            fakes.append(S.sample(S.parse_args(flags), ck, cfg, mod, vae, ldm, [R], write=False)[0])
-        fake = torch.cat(fakes)
+        flags = ["--ckpt", a.ckpt, "--n", str(a.n), "--seed", str(a.seed)]
+        flags += (["--sample-steps", str(a.sample_steps)] if a.sample_steps else [])
+        flags += ["--sampler", a.sampler] if a.sampler else []
+        fake = S.sample(S.parse_args(flags), ck, cfg, mod, vae, ldm, [R], write=False)[str(R)]
         how = f"{a.sampler or cfg['sampler']}, {a.sample_steps or cfg['sample_steps']} steps"
     else:
         if a.resolution < 1:

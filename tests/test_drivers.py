@@ -5,6 +5,7 @@ These double as usage examples: each call below is what a user types, as a list 
 import importlib
 import json
 import os
+import re
 
 import matplotlib.image
 import numpy as np
@@ -198,3 +199,59 @@ def test_a_checkpoint_saved_before_plane_res_still_loads(run, tmp_path):
     shape = config.upgrade({"modality": "shape", "resolution": 32})
     assert (nerf["plane_res"], nerf["resolution"], "view_size" in nerf) == (32, 100, False)
     assert (shape["plane_res"], shape["resolution"], shape["prediction"]) == (32, 64, "eps")
+
+
+def test_samples_do_not_depend_on_the_batch_and_beyond_the_sheet_are_stored(run, tmp_path, capsys):
+    ckpt = os.path.join(run, "ckpt.pt")
+    args = ["--ckpt", ckpt, "--n", "70", "--sample-steps", "2", "--resolution", "8"]
+    whole = sample.main(args + ["--out", str(tmp_path / "a.png")])  # one batch of 64, then 6
+    split = sample.main(args + ["--batch", "7", "--out", str(tmp_path / "b.png")])
+    # the same samples, up to the float rounding of other batch sizes; the sheet shows 64 at most
+    assert whole[0].shape == (64, 3, 8, 8) and torch.allclose(whole[0], split[0], atol=1e-4)
+    stored = np.load(tmp_path / "a_8.npy")
+    assert stored.shape == (70, 3, 8, 8) and stored.dtype == np.uint8
+    assert np.abs(stored.astype(int) - np.load(tmp_path / "b_8.npy")).max() <= 1
+    assert np.array_equal(stored[:64], ((whole[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+    assert "[sample] 70/70" in capsys.readouterr().out  # progress, batch by batch
+
+
+def test_flags_that_would_do_nothing_are_refused(run, tmp_path):
+    ckpt = os.path.join(run, "ckpt.pt")
+    for flags, says in ((["--eta", "0.5", "--sampler", "ddpm"], "--eta 0.5: only DDIM has eta; the sampler is ddpm"),
+                        (["--frames", "8"], "--frames 8: a image model has no frames"),
+                        (["--reconstruct", "synthetic", "--seed", "3"], "--seed: a sampling flag; it does nothing"),
+                        (["--reconstruct", "synthetic", "--guidance", "2"], "--guidance: a sampling flag")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "x.png")] + flags)
+    folder = str(tmp_path / "imgs")
+    _write_images(folder)
+    out = str(tmp_path / "uncond")
+    train.main(TINY + ["--data", folder, "--out", out])  # folders have no classes
+    with pytest.raises(SystemExit, match=r"--guidance 3.0: this model is unconditional"):
+        sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--guidance", "3"])
+
+
+def test_reconstruct_reads_each_file_once_and_honours_n(run, tmp_path, capsys, monkeypatch):
+    folder = str(tmp_path / "imgs")
+    _write_images(folder)
+    reads, real_read = [], readers.read_picture
+    monkeypatch.setattr(readers, "read_picture", lambda path, flag: reads.append(path) or real_read(path, flag))
+    sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--reconstruct", folder, "--resolution", "16,32,64",
+                 "--n", "4", "--out", str(tmp_path / "rec.png")])
+    assert len(reads) == 4 and len(set(reads)) == 4  # 4 files, each decoded once for the three sizes
+    assert "over 4 items" in capsys.readouterr().out
+
+
+
+@pytest.mark.parametrize("speeds", [(1.0, 0.1), (0.1, 1.0), (0.5, 0.5)])
+def test_a_time_bound_is_used_whatever_the_speed_does(monkeypatch, speeds):
+    # --max-minutes 1: 30 s at one speed (a busy machine at the start, say), then another speed
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "time", lambda: clock[0])
+    budget = engine.Budget(0, 1.0)
+    step = 0
+    while not budget.done(step):
+        step += 1
+        clock[0] += speeds[0] if clock[0] < 30 else speeds[1]  # seconds per step
+    assert 0.95 * 60 <= clock[0] <= 60 + max(speeds), (clock[0], step)
+    assert budget.plan in (step, step + 1)  # the plan (that the KL annealing follows) was the length run
