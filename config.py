@@ -32,6 +32,8 @@ class Config:
     resume: bool = flag(False, "continue the run in --out where it stopped")
     overwrite: bool = flag(False, "start again in an --out that already holds a run")
     compile: bool = flag(False, "torch.compile the training models (the first steps wait for the compiler)")
+    gpu_paths: str = flag("auto", "bf16 autocast, a channels-last UNet and batches drawn ahead: auto (on CUDA), "
+                                  "on (on a CPU too: slow, to test them) or off")
     # -- both stages ---------------------------------------------------------------------
     steps: int = flag(0, "optimiser steps per stage; 0: the preset's, or as many as fit in --max-minutes")
     max_minutes: float = flag(0.0, "wall-clock bound per stage (the schedules are planned to fit); 0: none")
@@ -123,11 +125,12 @@ NUMBER_RANGES = {
     "ema_decay": (0, 1 - 1e-12, "a decay in [0, 1)"), "p_uncond": (0, 1, "a probability in [0, 1]"),
 }
 CHOICES = {"variant": ("single", "hdbf_concat", "hdbf_cfc"), "decoder": ("ddmi", "mnif", "hyper"),
-           "sampler": ("ddim", "ddpm"), "prediction": ("eps", "v"), "stage": ("vae", "ldm", "all")}
+           "sampler": ("ddim", "ddpm"), "prediction": ("eps", "v"), "stage": ("vae", "ldm", "all"),
+           "gpu_paths": ("auto", "on", "off")}
 
 # Flags that may differ from the saved config when a run is continued.
 RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every",
-                "sampler", "sample_steps", "grad_accum", "compile"}
+                "sampler", "sample_steps", "grad_accum", "compile", "gpu_paths"}
 # What a --from run takes from its source run: whatever shapes the encoder, the latents and the
 # diffusion model (and the data split), so that only the decoder differs.
 FROM_FROZEN = {"modality", "data", "preset", "seed", "resolution", "plane_res", "frames", "samples_per_ray",
@@ -213,7 +216,7 @@ def upgrade(cfg):
     """A run's saved config in today's terms: runs saved before --plane-res kept the planes' side in
     `resolution` (shapes, NeRF) and NeRF's pictures in `view_size`; older ones lacked decoder,
     bases and prediction, and predicted eps."""
-    cfg = {"decoder": "ddmi", "bases": 16, **cfg, "prediction": cfg.get("prediction") or "eps"}
+    cfg = {"decoder": "ddmi", "bases": 16, "gpu_paths": "auto", **cfg, "prediction": cfg.get("prediction") or "eps"}
     if "plane_res" not in cfg and "resolution" in cfg:
         cfg["plane_res"] = cfg["resolution"]
         if cfg["modality"] in ONLY_FOR["plane_res"]:

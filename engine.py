@@ -356,6 +356,16 @@ def replica_spread(model):
     return (hi - lo).abs().max().item()
 
 
+def fast_paths(switch, device):
+    """Whether the accelerator's paths run (--gpu-paths): bf16 autocast, a channels-last UNet, batches drawn ahead."""
+    return switch == "on" or (switch == "auto" and device.type == "cuda")
+
+
+def autocast(switch, device):
+    """bf16 autocast where fast_paths says so (a CPU runs it too when asked: slow, but every dtype is checked)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_paths(switch, device))
+
+
 def for_training(module, cfg):
     """Wrap a loss module for this run: DDP across processes, then torch.compile if asked."""
     if DIST["world"] > 1:
@@ -414,7 +424,7 @@ class Prefetcher:
         try:
             while not self.closing.is_set():
                 batch = self.draw(self.gen)
-                if self.device.type == "cuda":
+                if self.device.type == "cuda":  # (pinned memory needs CUDA; elsewhere the thread alone runs)
                     batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
                 item = (self.gen.get_state(), batch)
                 while not self.closing.is_set():  # wait for room, but not past close()
@@ -515,7 +525,7 @@ def run_stage(tag, s, cfg, steps, seed, draw, step_fn, log, weights, save, model
     if "generator" in s:
         gen.set_state(s["generator"])
     step, step0, t0, window = s["step"], s["step"], time.time(), []
-    loader = Prefetcher(draw, gen, DIST["device"])
+    loader = Prefetcher(draw, gen, DIST["device"], background=fast_paths(cfg["gpu_paths"], DIST["device"]))
     keep = lambda **more: s.update(step=step, plan=budget.plan, generator=loader.resume_state, **weights(), **more)
     try:
         # (agreed by all processes: out of steps or time, Ctrl-C; checked again after each step)

@@ -63,6 +63,8 @@ def parse_args(argv):
     p.add_argument("--reconstruct", default=None, help="data to reconstruct, in any format --data takes, or 'synthetic'")
     p.add_argument("--out", default=None, help="output PNG; default: sample.png or reconstruct.png beside the checkpoint")
     p.add_argument("--device", default="", help="cpu or cuda; default: cuda when available")
+    p.add_argument("--gpu-paths", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast: auto (on CUDA), on (on a CPU too), off")
     a = p.parse_args(argv)
     for name in ("n", "batch", "frames"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
@@ -76,7 +78,7 @@ def parse_args(argv):
     return a
 
 
-def load_run(path, device):
+def load_run(path, device, gpu_paths="auto"):
     """(checkpoint, config, modality, VAE, and the EMA diffusion model when stage 2 exists)."""
     ck = engine.load_checkpoint(path)
     cfg = ck["config"]
@@ -95,6 +97,8 @@ def load_run(path, device):
         ldm = T.build_ldm(cfg, mod, ck["num_classes"])
         ldm.load_state_dict(ck["stage2"]["ema"])
         ldm = ldm.to(device).eval()
+        if engine.fast_paths(gpu_paths, device):  # the UNet's convolutions in NHWC layout, as in training
+            ldm = ldm.to(memory_format=torch.channels_last)
     return ck, cfg, mod, vae.to(device).eval(), ldm
 
 
@@ -124,10 +128,11 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
         b = min(batch, n - first)
         # sample i's noise from its own generator: the same samples whatever the batch size
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(first, first + b)]
-        z = ldm.sample((b, *mod.latent_shape), steps=steps, sampler=sampler, eta=a.eta or 0.0,
-                       y=None if labels is None else labels[first:first + b], guidance=a.guidance or 1.0, generator=gens)
-        fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
-        arrays = mod.sample_arrays(vae, fields, resolutions, a.frames)
+        with engine.autocast(a.gpu_paths, next(vae.parameters()).device):
+            z = ldm.sample((b, *mod.latent_shape), steps=steps, sampler=sampler, eta=a.eta or 0.0, generator=gens,
+                           y=None if labels is None else labels[first:first + b], guidance=a.guidance or 1.0)
+            fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
+            arrays = {k: x.float() for k, x in mod.sample_arrays(vae, fields, resolutions, a.frames).items()}
         for name, x in arrays.items():
             if not write:  # every sample, in memory
                 kept[name] = torch.cat([kept[name], x]) if name in kept else x
@@ -170,7 +175,7 @@ def run(a):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.out and os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
         raise SystemExit(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist")
-    ck, cfg, mod, vae, ldm = load_run(a.ckpt, device)
+    ck, cfg, mod, vae, ldm = load_run(a.ckpt, device, a.gpu_paths)
     if a.frames is not None and not mod.has_time:
         raise SystemExit(f"--frames {a.frames}: a {cfg['modality']} model has no frames")
     if a.reconstruct is None:

@@ -47,11 +47,6 @@ class ELBO(torch.nn.Module):
         return V.elbo_loss(self.vae, x, coords, target, lambda_z, self.num_values, self.recon_fn, eps)
 
 
-def amp(device):
-    """bf16 autocast on CUDA; nothing on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def evaluate_vae(mod, vae, val, device):
     """The modality's validation scores (e.g. {"psnr": dB}), sheet rows and row names, from q's mean."""
     vae.eval()
@@ -84,7 +79,7 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, save):
                     f"(recon {v['recon']:.4g}, kl {v['kl']:.4g}); stopped, the last checkpoint in {cfg['out']} is intact")
 
         def loss_of(sl):  # this process's micro-batch sl of the global batch
-            with amp(device):
+            with engine.autocast(cfg["gpu_paths"], device):  # bf16 on CUDA
                 return model(x[sl], coords[sl], target[sl], lam, eps[sl])
 
         return {**engine.optimiser_step(model, opt, slices, loss_of, explain_bad), "lambda_z": lam}
@@ -152,7 +147,7 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, save):
         z0, t, eps, u, y = batch
 
         def loss_of(sl):  # this process's micro-batch sl of the global batch
-            with amp(device):
+            with engine.autocast(cfg["gpu_paths"], device):  # bf16 on CUDA
                 return {"loss": model(z0[sl], None if y is None else y[sl], t[sl], eps[sl], u[sl])}
 
         terms = engine.optimiser_step(model, opt, slices, loss_of, lambda v: (
@@ -173,12 +168,14 @@ def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, save):
 @torch.no_grad()
 def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0):
     """Decode n EMA samples per class (or 2n unconditional ones) and write them as a sheet."""
-    g = torch.Generator().manual_seed(seed)
+    g, device = torch.Generator().manual_seed(seed), next(vae.parameters()).device
     rows, names = [], []
     for label in (range(num_classes) if num_classes else [None, None]):
         y = torch.full((n,), label, dtype=torch.long) if label is not None else None
-        z = ema_model.sample((n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y, generator=g)
-        rows.append(mod.preview(vae, vae.decode(mod.unstack_planes(z / scale))).cpu())
+        with engine.autocast(cfg["gpu_paths"], device):
+            z = ema_model.sample((n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
+                                 generator=g)
+            rows.append(mod.preview(vae, vae.decode(mod.unstack_planes(z / scale))).float().cpu())
         names.append(f"class {label}" if label is not None else "")
     decoder = {"ddmi": "DDMI", "mnif": "mNIF", "hyper": "hyper-transformer"}[cfg["decoder"]]
     mod.write_sheet(rows, path, names, f"{decoder} samples ({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights)")
@@ -217,7 +214,7 @@ def run(cfg, given, state, source):
         vae.encoder.requires_grad_(False)
     vae_opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=cfg["vae_lr"])
     ldm = build_ldm(cfg, mod, num_classes).to(device)
-    if device.type == "cuda":  # convolutions run faster on NHWC tensors with tensor cores
+    if engine.fast_paths(cfg["gpu_paths"], device):  # convolutions run faster on NHWC tensors with tensor cores
         ldm = ldm.to(memory_format=torch.channels_last)
     ema = LDM.EMA(ldm, cfg["ema_decay"], warmup=True)
     ldm_opt = torch.optim.Adam(ldm.parameters(), lr=cfg["ldm_lr"])

@@ -2,6 +2,7 @@
 
 These double as usage examples: each call below is what a user types, as a list of flags.
 """
+import copy
 import importlib
 import json
 import os
@@ -255,3 +256,44 @@ def test_a_time_bound_is_used_whatever_the_speed_does(monkeypatch, speeds):
         clock[0] += speeds[0] if clock[0] < 30 else speeds[1]  # seconds per step
     assert 0.95 * 60 <= clock[0] <= 60 + max(speeds), (clock[0], step)
     assert budget.plan in (step, step + 1)  # the plan (that the KL annealing follows) was the length run
+
+
+def test_the_gpu_paths_run_on_a_cpu(tmp_path, monkeypatch):
+    # bf16 autocast through both stages' steps and sampling, the channels-last UNet and batches drawn
+    # ahead by a thread: what a CUDA run does, switched on here so that a dtype or layout slip shows
+    seen = {"elbo": set(), "unet": set(), "layout": set(), "thread": set()}
+    real_elbo, real_unet, real_prefetcher = train.V.elbo_loss, train.LDM.UNet.forward, engine.Prefetcher.__init__
+
+    def elbo(*args, **kwargs):
+        seen["elbo"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real_elbo(*args, **kwargs)
+
+    def unet(self, z_t, t, y=None):
+        out = real_unet(self, z_t, t, y)
+        seen["unet"].add(out.dtype)
+        seen["layout"].add(self.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+        return out
+
+    def prefetcher(self, *args, **kwargs):
+        real_prefetcher(self, *args, **kwargs)
+        seen["thread"].add(self.thread is not None)
+    monkeypatch.setattr(train.V, "elbo_loss", elbo)
+    monkeypatch.setattr(train.LDM.UNet, "forward", unet)
+    monkeypatch.setattr(engine.Prefetcher, "__init__", prefetcher)
+    out = str(tmp_path / "r")
+    train.main(TINY + ["--gpu-paths", "on", "--out", out])
+    rows = sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--gpu-paths", "on", "--n", "2", "--sample-steps", "2",
+                        "--out", str(tmp_path / "s.png")])
+    assert seen == {"elbo": {torch.bfloat16}, "unet": {torch.bfloat16}, "layout": {True}, "thread": {True}}, seen
+    assert rows[0].dtype == torch.float32 and torch.isfinite(rows[0]).all()
+    assert engine.load_checkpoint(os.path.join(out, "ckpt.pt"))["stage2"]["step"] == 4
+
+
+def test_a_channels_last_unet_computes_what_a_contiguous_one_does():
+    torch.manual_seed(0)
+    unet = train.LDM.UNet(6, ch=16, ch_mult=(1, 2), num_classes=3)
+    for p in unet.parameters():  # (its output conv starts at zero: give every weight a value)
+        p.data.normal_(0, 0.05)
+    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    z, t, y = torch.randn(4, 6, 8, 8), torch.randint(1000, (4,)), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(nhwc(z.to(memory_format=torch.channels_last), t, y), unet(z, t, y), atol=1e-5, rtol=1e-4)
