@@ -21,6 +21,25 @@ import torch.nn.functional as F
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
+def numeric(a, finite=True):
+    """Whether an array holds numbers (bool, integer or float), all finite when asked."""
+    a = np.asarray(a)
+    return a.dtype.kind in "biuf" and (not finite or a.dtype.kind != "f" or bool(np.isfinite(a).all()))
+
+
+def number(value, what, flag, path, positive=False):
+    """A single finite number read from a file (an array of one element, or text), or a one-line error."""
+    a = np.asarray(value)
+    try:
+        x = float(a.reshape(())) if a.dtype.kind in "iuf" else float(str(a.reshape(())))
+    except (ValueError, TypeError):
+        x = math.nan
+    if not math.isfinite(x) or (positive and x <= 0):
+        raise SystemExit(f"{flag} {path}: '{what}' is {a.dtype} {a.shape}; expected one finite"
+                         f"{' positive' if positive else ''} number")
+    return x
+
+
 # ----------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------
@@ -224,16 +243,24 @@ def read_shape_npz(path, flag="--data"):
     except Exception as e:
         raise SystemExit(f"{flag} {path}: cannot read this .npz ({type(e).__name__}: {e})")
     surface = arrays.get("surface_points")
-    if surface is None or surface.ndim != 3 or surface.shape[-1] != 3 or not len(surface):
-        raise SystemExit(f"{flag} {path}: expected 'surface_points' shaped (n, P, 3); "
-                         f"found {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
+    if surface is None or surface.ndim != 3 or surface.shape[-1] != 3 or not len(surface) or not numeric(surface):
+        raise SystemExit(f"{flag} {path}: expected 'surface_points' shaped (n, P, 3), finite numbers; "
+                         f"found {', '.join(f'{k} {v.dtype} {v.shape}' for k, v in arrays.items())}")
+    if np.abs(surface).max() > 0.55:  # (a margin for points on the cube's faces)
+        raise SystemExit(f"{flag} {path}: 'surface_points' reach {np.abs(surface).max():.3g}; expected the unit cube "
+                         f"[-0.5, 0.5]^3 (scale the meshes to fit it)")
     n = len(surface)
     if "occupancy" in arrays:
-        grid = arrays["occupancy"].astype(bool)
+        grid = arrays["occupancy"]
+        if not numeric(grid) or not np.isin(grid, (0, 1)).all():
+            raise SystemExit(f"{flag} {path}: 'occupancy' is {grid.dtype} with values other than 0 and 1; "
+                             f"expected a bool grid (n, R, R, R)")
+        grid = grid.astype(bool)
     elif "occ_packed" in arrays and "res" in arrays:
-        R = int(arrays["res"])
-        if arrays["occ_packed"].shape != (n, R ** 3 // 8):
-            raise SystemExit(f"{flag} {path}: 'occ_packed' is {arrays['occ_packed'].shape}; expected ({n}, {R ** 3 // 8})")
+        R = int(number(arrays["res"], "res", flag, path, positive=True))
+        if arrays["occ_packed"].dtype != np.uint8 or arrays["occ_packed"].shape != (n, R ** 3 // 8):
+            raise SystemExit(f"{flag} {path}: 'occ_packed' is {arrays['occ_packed'].dtype} {arrays['occ_packed'].shape}; "
+                             f"expected uint8 ({n}, {R ** 3 // 8}), np.packbits of ({n}, {R}, {R}, {R}) bools")
         grid = np.unpackbits(arrays["occ_packed"], axis=1).reshape(n, R, R, R).astype(bool)
     else:
         raise SystemExit(f"{flag} {path}: expected an occupancy grid ('occ_packed' + 'res', or 'occupancy')")
@@ -274,11 +301,18 @@ def read_convonet(root, num_surface, num_queries, split=None, seed=0, flag="--da
                 continue
             try:
                 with np.load(os.path.join(d, "points.npz"), allow_pickle=False) as f:
-                    pts, occ = f["points"].astype(np.float32), np.unpackbits(f["occupancies"])[:len(f["points"])]
+                    pts, packed = f["points"], f["occupancies"]
                 with np.load(os.path.join(d, "pointcloud.npz"), allow_pickle=False) as f:
-                    cloud = f["points"].astype(np.float32)
+                    cloud = f["points"]
             except Exception as e:
                 raise SystemExit(f"{flag} {d}: cannot read points.npz/pointcloud.npz ({type(e).__name__}: {e})")
+            ok = pts.ndim == 2 and pts.shape[1] == 3 and len(pts) and numeric(pts) and packed.dtype == np.uint8
+            ok = ok and packed.ndim == 1 and len(packed) * 8 >= len(pts)
+            if not (ok and cloud.ndim == 2 and cloud.shape[1] == 3 and len(cloud) and numeric(cloud)):
+                raise SystemExit(f"{flag} {d}: points {pts.dtype} {pts.shape}, occupancies {packed.dtype} {packed.shape}, "
+                                 f"pointcloud {cloud.dtype} {cloud.shape}; expected finite (N, 3) points, N packed "
+                                 f"uint8 occupancies, and (M, 3) surface points")
+            pts, occ, cloud = pts.astype(np.float32), np.unpackbits(packed)[:len(pts)], cloud.astype(np.float32)
             i = torch.randint(len(pts), (num_queries,), generator=g)
             j = torch.randint(len(cloud), (num_surface,), generator=g)
             points.append(torch.from_numpy(pts)[i] / 0.55)
@@ -337,11 +371,16 @@ def read_nerf_npz(path, size, flag):
         raise SystemExit(f"{flag} {path}: expected arrays images_rgba (or images), poses and focal; "
                          f"found {', '.join(z) or 'none'}")
     a, poses = z[key], z["poses"]
-    if a.ndim != 4 or a.shape[-1] not in (3, 4) or a.shape[1] != a.shape[2] or poses.shape != (len(a), 4, 4):
-        raise SystemExit(f"{flag} {path}: {key} is {a.shape} and poses {poses.shape}; expected (V, H, H, 3 or 4) "
-                         f"square pictures and (V, 4, 4) poses")
-    near, far = float(z.get("near", 2.0)), float(z.get("far", 6.0))
-    return posed_scene(torch.from_numpy(to_unit_rgba(a)), torch.from_numpy(poses), float(z["focal"]), size, 1.5,
+    pictures = a.dtype == np.uint8 or (a.dtype.kind == "f" and a.size and 0 <= a.min() and a.max() <= 1)
+    if a.ndim != 4 or a.shape[-1] not in (3, 4) or a.shape[1] != a.shape[2] or not pictures:
+        raise SystemExit(f"{flag} {path}: {key} is {a.dtype} {a.shape}; expected (V, H, H, 3 or 4) square pictures, "
+                         f"uint8 or float in [0, 1]")
+    if poses.shape != (len(a), 4, 4) or not numeric(poses):
+        raise SystemExit(f"{flag} {path}: poses is {poses.dtype} {poses.shape}; expected ({len(a)}, 4, 4) finite "
+                         f"camera-to-world matrices")
+    focal = number(z["focal"], "focal", flag, path, positive=True)
+    near, far = (number(z[k], k, flag, path) if k in z else d for k, d in (("near", 2.0), ("far", 6.0)))
+    return posed_scene(torch.from_numpy(to_unit_rgba(a)), torch.from_numpy(poses.astype(np.float32)), focal, size, 1.5,
                        near, far, os.path.splitext(os.path.basename(path))[0])
 
 
@@ -354,9 +393,11 @@ def read_nerf_synthetic(folder, split, size, flag):
         frames, angle = meta["frames"], float(meta["camera_angle_x"])
         files = [os.path.join(folder, fr["file_path"]) for fr in frames]
         c2w = torch.tensor([fr["transform_matrix"] for fr in frames], dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"{flag} {meta_path}: expected camera_angle_x and frames with file_path and "
-                         f"transform_matrix ({type(e).__name__}: {e})")
+        if not frames or c2w.shape != (len(frames), 4, 4) or not torch.isfinite(c2w).all() or not 0 < angle < math.pi:
+            raise ValueError(f"{len(frames)} frames, transform matrices {tuple(c2w.shape)}, camera_angle_x {angle}")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"{flag} {meta_path}: expected camera_angle_x in (0, pi) and frames with file_path and a "
+                         f"finite 4x4 transform_matrix ({type(e).__name__}: {e})")
     pics = [read_square_picture(f if os.path.splitext(f)[1] else f + ".png", flag) for f in files]
     if len({p.shape for p in pics}) > 1:
         raise SystemExit(f"{flag} {folder}: its pictures differ in size; expected one size per scene")
@@ -378,6 +419,8 @@ def read_srn(folder, size, flag):
         W0 = float(last[-1]) if len(last) == 2 else 2 * cx  # the size the intrinsics refer to
         c2w = torch.stack([torch.tensor([float(v) for v in open(os.path.join(folder, "pose", n + ".txt")).read().split()])
                            .reshape(4, 4) for n in names])
+        if not all(math.isfinite(v) and v > 0 for v in (f, W0)) or not torch.isfinite(c2w).all():
+            raise ValueError(f"f {f}, size {W0}, poses finite: {bool(torch.isfinite(c2w).all())}")
     except (OSError, ValueError, RuntimeError, IndexError) as e:
         raise SystemExit(f"{flag} {folder}: expected intrinsics.txt (f cx cy) and pose/<name>.txt with 16 numbers "
                          f"per picture ({type(e).__name__}: {e})")

@@ -284,7 +284,7 @@ def test_convonet_layout_is_read_with_its_splits(tmp_path):
     (dict(points=np.zeros((2, 10, 3))), "expected 'surface_points' shaped (n, P, 3)"),
     (dict(surface_points=np.zeros((2, 10, 2))), "expected 'surface_points' shaped (n, P, 3)"),
     (dict(surface_points=np.zeros((2, 10, 3))), "expected an occupancy grid"),
-    (dict(surface_points=np.zeros((2, 10, 3)), occ_packed=np.zeros((2, 7), np.uint8), res=np.int32(8)), "'occ_packed' is (2, 7)"),
+    (dict(surface_points=np.zeros((2, 10, 3)), occ_packed=np.zeros((2, 7), np.uint8), res=np.int32(8)), "'occ_packed' is uint8 (2, 7)"),
     (dict(surface_points=np.zeros((2, 10, 3)), occupancy=np.zeros((2, 8, 8, 4), bool)), "occupancy grid is (2, 8, 8, 4)"),
 ])
 def test_bad_shape_npz_is_a_one_line_error(tmp_path, arrays, says):
