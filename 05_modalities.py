@@ -30,21 +30,28 @@ the decoder produces basis fields at R/4, R/2 and R (HDBF), and the CFC read-out
 bilinear embeddings to RGB (file 03). The likelihood is Laplace (L1, file 02). Training draws
 K random pixel centres per image (their exact colours are the targets); rendering evaluates
 the INR on the pixel-centre grid of any resolution. The built-in dataset is file 01's
-synthetic images (three classes, exact at every resolution); a user's images are read by
-readers.py (a folder of .png/.jpg, or an .npz array).
+synthetic images (three classes, exact at every resolution). A user's folder of pictures is
+decoded once by prepare.py into a uint8 array on disk and read from it by index (its train/ and
+val/ folders are the split; with --labels folders its class folders are the labels: a
+class-conditional model, file 04's guidance); an .npz image array is read into memory.
+--hflip mirrors a random half of each batch, the release's only augmentation of photos.
 
 Shape letters: B batch, N coordinates, K coordinates per item in training, D coordinate
 dimension, C channels, H W height width, R resolution, T frames, Z latent channels.
 
 Left out on purpose: LPIPS in the image likelihood (the paper adds it; it needs downloaded VGG
-weights), and data augmentation (flips), which a user can add to `ImageModality.load`.
+weights).
 """
+import functools
 import importlib
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import figures
+import prepare
 import readers
 
 inr = importlib.import_module("01_inr")
@@ -85,12 +92,15 @@ class Modality:
         self.resolution = cfg["resolution"]  # side of the data: pixels, or voxels for shapes
         self.plane_res = cfg["plane_res"]  # side of the finest basis field (= resolution for grid signals)
         self.seed, self.val_fraction = cfg["seed"], cfg["val_fraction"]
+        # the data: classes from folders (images), random left-right flips, where prepared datasets live
+        self.labels, self.hflip, self.cache = cfg["labels"], cfg["hflip"], None if cfg["no_cache"] else cfg["cache"]
         # the VAE's sizes and kind (files 02, 03, 12)
         self.z_ch, self.enc_ch, self.enc_mult = cfg["z_ch"], cfg["enc_ch"], tuple(cfg["enc_mult"])
         self.field_ch, self.mlp_hidden, self.mlp_layers = cfg["field_ch"], cfg["mlp_hidden"], cfg["mlp_layers"]
         self.variant, self.decoder, self.bases = cfg["variant"], cfg["decoder"], cfg["bases"]
-        # what `load` learns about the data that the model must know again (kept in the checkpoint's config)
-        self.data_settings = {}
+        # what `load` learns about the data that the model must know again (kept in the checkpoint's config),
+        # and what train.py's data line says of it
+        self.data_settings, self.data_note = {}, ""
 
     # -- data ------------------------------------------------------------------------------
     def load(self, data):
@@ -104,8 +114,8 @@ class Modality:
         if n - n_val < 1:
             raise SystemExit(f"--data {data}: {n} {what}(s) found; need at least 2 (training + validation)")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        pick = lambda ids: {k: v[ids] if torch.is_tensor(v) else [v[i] for i in ids] if isinstance(v, list) else v
-                            for k, v in items.items()}
+        pick = lambda ids: {k: v[ids] if torch.is_tensor(v) else v.subset(ids) if isinstance(v, prepare.Stored)
+                            else [v[i] for i in ids] if isinstance(v, list) else v for k, v in items.items()}
         return pick(perm[n_val:]), pick(perm[:n_val])
 
     def encoder_input(self, x):
@@ -160,9 +170,12 @@ class Modality:
     def training_batch(self, data, idx, K, generator):
         """Items idx -> (encoder input, K random grid points per item (B, K, D), the signal there (B, K, C)).
 
-        K = 0: every grid point. Every draw comes from `generator`, the run's.
+        K = 0: every grid point. Every draw comes from `generator`, the run's (--hflip's too).
         """
         x = self.encoder_input(data["x"][idx])
+        if self.hflip:  # a random half of the items mirrored left to right (x -> -x)
+            flip = (torch.rand(len(x), generator=generator) < 0.5).view(-1, *[1] * (x.dim() - 1))
+            x = torch.where(flip, x.flip(-1), x)
         grid = self.grid(x.shape[2:], x.device).reshape(-1, len(x.shape[2:]))  # (N, D)
         if K <= 0:
             return x, grid.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)
@@ -278,12 +291,32 @@ class ImageModality(Modality):
 
     def load(self, data):
         R = self.resolution
+        if self.labels == "folders" and (data is None or not os.path.isdir(data)):
+            raise SystemExit(f"--labels folders: takes the classes from the folders of --data; {data or 'no --data'} "
+                             f"is not a folder (the built-in images have their labels already)")
         if data is None:  # file 01's synthetic images with their class labels; the held-out ones keep their parameters
             tr, va = inr.synthetic_params(self.synthetic_train, seed=self.seed), self.held_out_params()
+            self.data_settings["classes"] = list(self.classes)
             return ({"x": inr.synthetic_images(tr, R, R), "label": tr["label"]},
                     {"x": inr.synthetic_images(va, R, R), "label": va["label"], "params": va}, len(self.classes))
-        train, val = self.split({"x": readers.read_images(data, R), "label": None}, data, "image")
-        return train, val, 0
+        if data.lower().endswith(".npz") and os.path.isfile(data):  # an image array: in memory
+            return (*self.split({"x": readers.read_images(data, R), "label": None}, data, "image"), 0)
+        # a folder: decoded once into the cache (prepare.py), then read by index
+        found = readers.image_listing(data, "--data", self.labels == "folders")
+        x = prepare.prepare(data, found["files"], functools.partial(readers.decode_image, size=R), (3, R, R), {"R": R},
+                            self.cache, "--data", "images")
+        items = {"x": x, "label": None if found["label"] is None else found["label"][torch.from_numpy(x.index)]}
+        self.data_settings["classes"] = found["classes"]
+        size = found["size"] or (0, 0)
+        notes = [f"{'x'.join(map(str, size))} (the first) -> {R}x{R}", found["layout"], ", ".join(found["classes"])]
+        if min(size) >= 4 * R:  # e.g. CelebA-HQ's 1024x1024 at the tiny preset's 32x32
+            notes.append(f"the pictures are much larger than {R}x{R}: --resolution or --preset paper trains nearer their size")
+        self.data_note = "; ".join(n for n in notes if n)
+        if found["held_out"] is None:
+            return (*self.split(items, data, "image"), len(found["classes"]))
+        held = torch.from_numpy(found["held_out"][x.index])  # the train/ and val/ folders are the split
+        pick = lambda m: {"x": x.subset(np.flatnonzero(m)), "label": None if items["label"] is None else items["label"][m]}
+        return pick(~held), pick(held), len(found["classes"])
 
     def held_out_params(self):
         """Parameters of train.py's held-out synthetic images (a seed of their own)."""
@@ -342,7 +375,6 @@ def modality(cfg):
 # Demo: stage 1 through the contract only, then the INR at four resolutions against exact images
 # ----------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import os
     import time
 
     torch.manual_seed(0)

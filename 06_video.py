@@ -40,13 +40,16 @@ per item, Z latent channels.
 Left out on purpose: the paper's space-time transformer and its unequal time planes (above),
 and clips longer than the model's frames (a sliding window over t).
 """
+import functools
 import importlib
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import figures
+import prepare
 import readers
 
 inr = importlib.import_module("01_inr")
@@ -128,6 +131,7 @@ class VideoModality(M.Modality):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.frames = cfg["frames"]  # T of the training clips
+        self.clip_stride = cfg["clip_stride"]  # video files: a clip every this many frames (0: every T)
 
     def load(self, data):
         R, T = self.resolution, self.frames
@@ -135,8 +139,14 @@ class VideoModality(M.Modality):
             tr, va = synthetic_video_params(self.synthetic_train, seed=self.seed), self.held_out_params()
             return ({"x": synthetic_clips(tr, T, R, R), "label": tr["label"]},
                     {"x": synthetic_clips(va, T, R, R), "label": va["label"], "params": va}, len(self.classes))
-        train, val = self.split({"x": readers.read_clips(data, T, R), "label": None}, data, "clip")
-        return train, val, 0
+        if os.path.isfile(data):  # a clip array: in memory
+            return (*self.split({"x": readers.read_clips(data, T, R), "label": None}, data, "clip"), 0)
+        # a folder of clip folders or video files: decoded once into the cache (prepare.py), read by index
+        clips = readers.clip_listing(data, T, self.clip_stride or T)
+        files = sorted({f for source, _ in clips for f in (source if isinstance(source, tuple) else [source])})
+        x = prepare.prepare(data, clips, functools.partial(readers.decode_clip, frames=T, size=R), (3, T, R, R),
+                            {"R": R, "T": T, "stride": self.clip_stride or T}, self.cache, "--data", "clips", files=files)
+        return (*self.split({"x": x, "label": None}, data, "clip"), 0)
 
     def held_out_params(self):
         return synthetic_video_params(self.synthetic_val, seed=self.seed + 1_000_003)

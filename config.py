@@ -41,10 +41,16 @@ class Config:
                               "(shapes: the grid of IoU and meshes)")
     plane_res: int = flag(0, "shapes, NeRF: side of the tri-plane (the finest basis field)")
     frames: int = flag(0, "videos: frames per clip")
+    clip_stride: int = flag(0, "videos from files: a clip every this many frames of a video (default: --frames)")
     samples_per_ray: int = flag(0, "NeRF: stratified samples per ray (file 10)")
     batch_size: int = flag(0, "stage-1 batch (global, over all processes)")
     grad_accum: int = flag(1, "micro-batches per optimiser step: the same step in less memory; both stages")
-    val_fraction: float = flag(0.1, "share of a dataset held out for validation")
+    val_fraction: float = flag(0.1, "share of a dataset held out for validation (unless it has train/ and val/ folders)")
+    labels: str = flag("none", "none, or folders: each image's class is its folder (the first level below the "
+                               "data, or below train/ and val/): a class-conditional model")
+    hflip: bool = flag(False, "flip a random half of each stage-1 batch left to right")
+    cache: str = flag("", "folder of prepared datasets; default: $XDG_CACHE_HOME/ddmi or ~/.cache/ddmi")
+    no_cache: bool = flag(False, "decode the data into memory at every start instead of preparing it once")
     log_every: int = flag(50, "steps between progress lines")
     ckpt_every: int = flag(500, "steps between checkpoints (one is always written at the end)")
     # -- stage 1: the D2C-VAE (files 02, 03) ----------------------------------------------
@@ -109,7 +115,8 @@ DIFFERENCES = {
                             lambda_z=0.05, sample_steps=200),
 }
 MODALITIES = ("image", "video", "shape", "nerf")  # (05_modalities.py's registry holds their files)
-ONLY_FOR = {"frames": ("video",), "samples_per_ray": ("nerf",), "plane_res": ("shape", "nerf")}
+ONLY_FOR = {"frames": ("video",), "clip_stride": ("video",), "samples_per_ray": ("nerf",), "plane_res": ("shape", "nerf"),
+            "labels": ("image",), "hflip": ("image", "video")}
 
 # The range of every numeric flag: (lowest, highest, what to say when it is outside).
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
@@ -117,7 +124,7 @@ NUMBER_RANGES = {
     **{k: _POS for k in ("resolution", "plane_res", "frames", "samples_per_ray", "batch_size", "grad_accum",
                          "log_every", "ckpt_every", "z_ch", "enc_ch", "field_ch", "mlp_hidden", "mlp_layers", "bases",
                          "vae_steps", "ldm_ch", "ldm_steps", "ldm_batch", "sample_steps")},
-    **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z")},
+    **{k: _NONNEG for k in ("steps", "max_minutes", "coords_per_item", "lambda_z", "clip_stride")},
     "enc_mult": (1, math.inf, "positive integers like 1,2,2"), "ldm_mult": (1, math.inf, "positive integers like 1,2"),
     "ldm_attn": (0, math.inf, "level indices like 1 or 2,3"),
     "val_fraction": (1e-9, 1 - 1e-9, "a fraction between 0 and 1 (exclusive)"),
@@ -126,16 +133,16 @@ NUMBER_RANGES = {
 }
 CHOICES = {"variant": ("single", "hdbf_concat", "hdbf_cfc"), "decoder": ("ddmi", "mnif", "hyper"),
            "sampler": ("ddim", "ddpm"), "prediction": ("eps", "v"), "stage": ("vae", "ldm", "all"),
-           "gpu_paths": ("auto", "on", "off")}
+           "gpu_paths": ("auto", "on", "off"), "labels": ("none", "folders")}
 
 # Flags that may differ from the saved config when a run is continued.
 RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every",
-                "sampler", "sample_steps", "grad_accum", "compile", "gpu_paths"}
+                "sampler", "sample_steps", "grad_accum", "compile", "gpu_paths", "cache", "no_cache"}
 # What a --from run takes from its source run: whatever shapes the encoder, the latents and the
 # diffusion model (and the data split), so that only the decoder differs.
-FROM_FROZEN = {"modality", "data", "preset", "seed", "resolution", "plane_res", "frames", "samples_per_ray",
-               "val_fraction", "z_ch", "enc_ch", "enc_mult", "ldm_ch", "ldm_mult", "ldm_attn", "ldm_steps", "ldm_batch",
-               "ldm_lr", "prediction", "ema_decay", "p_uncond"}
+FROM_FROZEN = {"modality", "data", "preset", "seed", "resolution", "plane_res", "frames", "clip_stride",
+               "samples_per_ray", "val_fraction", "labels", "z_ch", "enc_ch", "enc_mult", "ldm_ch", "ldm_mult",
+               "ldm_attn", "ldm_steps", "ldm_batch", "ldm_lr", "prediction", "ema_decay", "p_uncond"}
 
 
 def preset(modality, name):
@@ -216,7 +223,8 @@ def upgrade(cfg):
     """A run's saved config in today's terms: runs saved before --plane-res kept the planes' side in
     `resolution` (shapes, NeRF) and NeRF's pictures in `view_size`; older ones lacked decoder,
     bases and prediction, and predicted eps."""
-    cfg = {"decoder": "ddmi", "bases": 16, "gpu_paths": "auto", **cfg, "prediction": cfg.get("prediction") or "eps"}
+    cfg = {"decoder": "ddmi", "bases": 16, "gpu_paths": "auto", "labels": "none", "hflip": False, "clip_stride": 0, "cache": "",
+           "no_cache": False, **cfg, "prediction": cfg.get("prediction") or "eps"}
     if "plane_res" not in cfg and "resolution" in cfg:
         cfg["plane_res"] = cfg["resolution"]
         if cfg["modality"] in ONLY_FOR["plane_res"]:

@@ -4,21 +4,26 @@ Plumbing, not a concept: each modality (files 05, 06, 09, 11) calls the reader o
 from its `load`. A reader names the flag and the file when something is wrong, and what it
 expected, and never runs code from a file (`np.load(..., allow_pickle=False)`).
 
-  pictures  a folder of .png/.jpg (searched recursively) or an .npz image array -> uint8 (n, 3, R, R)
-  clips     a folder of clip folders of frames, or an .npz/.npy clip array      -> uint8 (n, 3, T, R, R)
+  pictures  a folder of pictures (searched recursively) or an .npz image array  -> uint8 (n, 3, R, R)
+  clips     a folder of clip folders of frames or of video files (PyAV), or an .npz/.npy clip array
+                                                                                -> uint8 (n, 3, T, R, R)
   shapes    an .npz of occupancy grids + surface points, or the ConvONet layout
   scenes    posed pictures: NeRF-synthetic folders, SRN folders, or an .npz
 """
+import functools
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mov", ".mkv")
+HELD_OUT = ("val", "valid", "validation", "test")  # beside train/, the folder of held-out items
 
 
 def numeric(a, finite=True):
@@ -79,15 +84,85 @@ def square_uint8(x, resolution):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def natural(name):
+    """Sort key of natural order: digits compare as numbers, so frame 2 comes before frame 10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def walk(folder, extensions):
+    """Every file with one of `extensions` under `folder`, in natural order: symlinked folders are
+    followed (each real folder once, so a link loop ends), hidden and AppleDouble (._x) files skipped."""
+    seen, found = set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(root))
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=natural)
+        found += [os.path.join(root, f) for f in sorted(files, key=natural)
+                  if not f.startswith(".") and f.lower().endswith(extensions)]
+    return found
+
+
 def find_images(folder, flag="--data"):
-    """Every png/jpg file under `folder` (searched recursively), sorted, so the order is stable."""
+    """Every image file under `folder` (searched recursively, see walk), in natural order."""
     if not os.path.isdir(folder):
-        raise SystemExit(f"{flag} {folder}: not a folder or an .npz file (expected .png/.jpg images or an image array)")
-    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
-                   for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        raise SystemExit(f"{flag} {folder}: not a folder or an .npz file (expected images or an image array)")
+    paths = walk(folder, IMAGE_EXTENSIONS)
     if not paths:
-        raise SystemExit(f"{flag} {folder}: no .png/.jpg images found (searched sub-folders too)")
+        raise SystemExit(f"{flag} {folder}: no images ({' '.join(IMAGE_EXTENSIONS)}) found, sub-folders searched too")
     return paths
+
+
+def image_listing(root, flag="--data", labels=False):
+    """The images of a folder, its split and its classes: {"files", "held_out" (bool per file, or None
+    when the folder has no train/ and val/ (or test/) sub-folders), "label" and "classes" (the first
+    sub-folder level below root or below the split folders, with labels=True), "layout"}."""
+    subdirs = {d.lower(): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))} if os.path.isdir(root) else {}
+    val = next((subdirs[d] for d in HELD_OUT if d in subdirs), None)
+    parts = [(os.path.join(root, subdirs["train"]), False), (os.path.join(root, val), True)] \
+        if "train" in subdirs and val else [(root, None)]
+    files, held_out, names = [], [], []
+    for folder, held in parts:
+        for f in find_images(folder, flag):
+            rel = os.path.relpath(f, folder).split(os.sep)
+            files.append(f)
+            held_out.append(held)
+            names.append(rel[0] if len(rel) > 1 else None)
+    classes = sorted({c for c in names if c is not None}, key=natural) if labels else []
+    if labels and (len(classes) < 2 or None in names):
+        where = "train/ and val/" if parts[0][1] is not None else "it"
+        raise SystemExit(f"--labels folders: {root}: every image must sit in a class folder (two or more) below {where}; "
+                         f"found {len(classes)} class folder(s) and {names.count(None)} image(s) outside them")
+    layout = f"{os.path.basename(parts[0][0])}/ and {val}/ folders" if val and parts[0][1] is not None else ""
+    from PIL import Image  # (installed with matplotlib; it reads only the header here)
+
+    size = None  # (width, height) of the first image that opens; a broken one is named later, when decoded
+    for f in files[:8]:
+        try:
+            with Image.open(f) as first:
+                size = first.size
+            break
+        except Exception:
+            continue
+    return {"files": files, "held_out": None if parts[0][1] is None else np.array(held_out), "classes": classes,
+            "label": torch.tensor([classes.index(c) for c in names]) if labels else None, "layout": layout, "size": size}
+
+
+def decode_image(path, size, flag="--data"):
+    """One image file -> uint8 numpy (3, size, size), as read_image; a JPEG much larger than `size` is
+    decoded at 1/2, 1/4 or 1/8 of its size by the decoder itself (Pillow's draft mode), which is faster."""
+    if not path.lower().endswith((".jpg", ".jpeg")):
+        return read_image(path, size, flag).numpy()
+    from PIL import Image  # (installed with matplotlib)
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # the smallest scale that keeps both sides >= size
+            a = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise SystemExit(f"{flag} {path}: cannot read this image ({type(e).__name__}: {e})")
+    return square_uint8(torch.from_numpy(to_unit_rgb(a))[None], size)[0].numpy()
 
 
 def read_image(path, resolution, flag="--data"):
@@ -182,8 +257,8 @@ def read_clips_at(path, frames, sizes, flag="--data", n=None):
     """The first n clips (None: all) of a clip folder (SkyTimelapse layout) or an .npz/.npy clip array,
     each frame decoded once -> {R: uint8 (n, 3, T, R, R)} for every size R.
 
-    Folder: path/<clip>/ (or path/<group>/<clip>/) holds one clip's frames as .png/.jpg,
-    in name order; each clip gives its first T frames (shorter clips are skipped, and said).
+    Folder: clip folders of frames, or video files (see clip_listing); a file's clips are its
+    windows of T frames, one after the other.
     Array: (n, T0, H, W, 3) RGB or (n, T0, H, W) grey, uint8 or float in [0, 1], key 'clips'
     (or the only array), T0 >= T. Frames are centre-cropped and resized like images.
     """
@@ -208,22 +283,95 @@ def read_clips_at(path, frames, sizes, flag="--data", n=None):
             for R in sizes:
                 out[R].append(square_uint8(x, R))
         return {R: torch.cat(v).reshape(len(a), frames, 3, R, R).transpose(1, 2).contiguous() for R, v in out.items()}
+    clips = clip_listing(path, frames, frames, flag)[:n]
+    read = [read_clip_at(c, frames, sizes, flag) for c in clips]
+    return {R: torch.from_numpy(np.stack([c[R] for c in read])) for R in sizes}  # (n, 3, T, R, R)
+
+
+def clip_listing(path, frames, stride, flag="--data"):
+    """The clips of a folder, in natural order -> [(source, first frame)], each T = `frames` frames long.
+
+    A folder of clip folders (SkyTimelapse: path/<clip>/<frame>.png, groups of clip folders too):
+    each folder of frames gives its first T frames, (frame files, 0). A folder of video files
+    (UCF-101: .mp4/.avi/.webm/...; needs PyAV): each file gives windows of T frames every `stride`
+    frames, (file, first frame). Shorter clips are skipped, and said.
+    """
     if not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: not a folder or an .npz/.npy file (expected a folder of clip "
-                         f"sub-folders of frames, or a clip array)")
-    clips, lengths = [], []
-    for root, _, files in sorted(os.walk(path)):  # clip folders in path order
-        frame_files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-        if root != path and frame_files and (n is None or len(clips) < n):
-            lengths.append(len(frame_files))
-            if len(frame_files) >= frames:  # (name order: zero-padded frame numbers sort right)
-                clips.append([read_image_at(os.path.join(root, f), sizes, flag) for f in frame_files[:frames]])
+                         f"sub-folders of frames, a folder of video files, or a clip array)")
+    videos, clips, lengths = walk(path, VIDEO_EXTENSIONS), [], []
+    if videos:
+        for v in videos:
+            lengths.append(len(video_frames(v, None, flag)))
+            clips += [(v, start) for start in range(0, lengths[-1] - frames + 1, stride)]
+    else:
+        by_folder = {}  # the frames of each folder, folders in walk's (natural) order
+        for f in walk(path, IMAGE_EXTENSIONS):
+            if os.path.dirname(f) != os.path.normpath(path):
+                by_folder.setdefault(os.path.dirname(f), []).append(f)
+        lengths = [len(v) for v in by_folder.values()]
+        clips = [(tuple(v[:frames]), 0) for v in by_folder.values() if len(v) >= frames]
     if not clips:
-        raise SystemExit(f"{flag} {path}: no clip with {frames} frames or more (found {len(lengths)} clip folder(s), "
-                         f"longest {max(lengths, default=0)} frames); expected {path}/<clip>/<frame>.png")
-    if len(clips) < len(lengths):
-        print(f"{flag} {path}: skipped {len(lengths) - len(clips)} clip(s) shorter than {frames} frames")
-    return {R: torch.stack([torch.stack([f[R] for f in clip], 1) for clip in clips]) for R in sizes}  # (n, 3, T, R, R)
+        raise SystemExit(f"{flag} {path}: no clip with {frames} frames or more (found {len(lengths)} "
+                         f"{'video file' if videos else 'clip folder'}(s), longest {max(lengths, default=0)} frames); "
+                         f"expected {path}/<clip>/<frame>.png or {path}/<clip>.mp4")
+    if short := sum(n < frames for n in lengths):
+        print(f"{flag} {path}: skipped {short} clip(s) shorter than {frames} frames")
+    return clips
+
+
+def read_clip_at(clip, frames, sizes, flag="--data"):
+    """One clip of clip_listing -> {R: uint8 numpy (3, T, R, R)} for every size R."""
+    source, start = clip
+    if isinstance(source, tuple):  # frame files
+        read = [read_image_at(f, sizes, flag) for f in source]
+        return {R: torch.stack([f[R] for f in read], 1).numpy() for R in sizes}
+    out = {R: np.ascontiguousarray(video_frames(source, R, flag)[start:start + frames].transpose(1, 0, 2, 3))
+           for R in sizes}
+    if any(x.shape[1] < frames for x in out.values()):  # a header that promised more frames than there are
+        raise SystemExit(f"{flag} {source}: frames {start}..{start + frames - 1} cannot be decoded")
+    return out
+
+
+def decode_clip(clip, frames, size, flag="--data"):
+    """One clip of clip_listing -> uint8 numpy (3, T, R, R) (prepare.py's decoder)."""
+    return read_clip_at(clip, frames, [size], flag)[size]
+
+
+@functools.lru_cache(maxsize=2)
+def video_frames(path, size, flag="--data"):
+    """Every frame of a video file -> uint8 numpy (N, 3, R, R) (size None: (N, 0, 0, 0), to count them).
+
+    The frames of the last files read are kept: a file's windows are read one after the other.
+    """
+    try:
+        import av  # PyAV: an optional extra, needed for video files only
+    except ImportError:
+        raise SystemExit(f"{flag} {path}: video files need PyAV: pip install av "
+                         f"(or give folders of frames: <clip>/<frame>.png)") from None
+    try:
+        with av.open(path) as container:
+            if not size and container.streams.video[0].frames:  # counted in the header
+                return np.zeros((container.streams.video[0].frames, 0, 0, 0), np.uint8)
+            out, batch = [], []
+            for frame in container.decode(video=0):
+                batch.append(frame.to_ndarray(format="rgb24") if size else None)
+                if len(batch) == 16:
+                    out.append(_frames_uint8(batch, size))
+                    batch = []
+            out.append(_frames_uint8(batch, size))
+    except Exception as e:
+        raise SystemExit(f"{flag} {path}: cannot read this video ({type(e).__name__}: {str(e)[:120]})")
+    return np.concatenate(out)
+
+
+def _frames_uint8(batch, size):
+    """Decoded RGB frames [(H, W, 3) uint8] -> uint8 (n, 3, R, R), cropped and resized like images."""
+    if not size:
+        return np.zeros((len(batch), 0, 0, 0), np.uint8)
+    if not batch:
+        return np.zeros((0, 3, size, size), np.uint8)
+    return square_uint8(torch.from_numpy(to_unit_rgb(np.stack(batch))), size).numpy()
 
 
 # ----------------------------------------------------------------------------------------

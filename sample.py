@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (the default), 1 as much as DDPM")
     p.add_argument("--seed", type=int, default=None, help="seeds the samples' noise (0): same seed, same samples")
-    p.add_argument("--label", type=int, default=None, help="class to sample (labelled data only)")
+    p.add_argument("--label", default=None, help="class to sample, by name (folder labels) or number; labelled data only")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (1: none)")
     p.add_argument("--reconstruct", default=None, help="data to reconstruct, in any format --data takes, or 'synthetic'")
     p.add_argument("--out", default=None, help="output PNG; default: sample.png or reconstruct.png beside the checkpoint")
@@ -108,9 +108,8 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
     -> the sheet's sample arrays, {str(R): (b, ...)}; with write=False all n, and nothing written."""
     if ldm is None:
         raise SystemExit(f"{a.ckpt}: has no stage-2 (diffusion) weights; train with --stage ldm, or use --reconstruct")
-    K = ck["num_classes"]
-    if a.label is not None and not 0 <= a.label < K:
-        raise SystemExit(f"--label {a.label}: this model has {K} classes" + (" (it is unconditional)" if K == 0 else ""))
+    K, names = ck["num_classes"], cfg.get("classes") or []
+    label = class_index(a.label, K, names)
     if a.guidance is not None and K == 0:
         raise SystemExit(f"--guidance {a.guidance}: this model is unconditional (no classes to guide towards)")
     sampler, steps = a.sampler or cfg["sampler"], a.sample_steps or cfg["sample_steps"]
@@ -118,7 +117,7 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
         raise SystemExit(f"--eta {a.eta}: only DDIM has eta; the sampler is {sampler}")
     n, seed = a.n or 16, a.seed or 0
     # a given class, or the classes in turn
-    labels = (torch.full((n,), a.label) if a.label is not None else torch.arange(n) % K) if K else None
+    labels = (torch.full((n,), label) if label is not None else torch.arange(n) % K) if K else None
     # outputs of about 4M values per sample and batch at most (a 2048x2048 picture: one at a time)
     values = math.prod(mod.size(max(resolutions), a.frames))
     batch = a.batch or max(1, min(SHEET, 2 ** 22 // values))
@@ -157,9 +156,22 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
           + (f"; all of them in {stem}_<R>.npy" if stores else ""))
     rows, names = mod.sheet(kept, a.frames)
     mod.write_sheet(rows, out, names, f"{min(n, SHEET)} of {n} samples, {sampler} {steps} steps, seed {seed}"
-                    + (f", label {a.label}, guidance {a.guidance or 1.0}" if a.label is not None else ""))
+                    + (f", label {names[label] if label < len(names) else label}, guidance {a.guidance or 1.0}"
+                       if label is not None else ""))
     print(f"wrote {out}")
     return rows
+
+
+def class_index(label, K, names):
+    """--label as a class number: a name the run's classes hold (its folders), or a number 0..K-1."""
+    if label is None:
+        return None
+    if label in names:
+        return names.index(label)
+    if label.isdigit() and int(label) < K:
+        return int(label)
+    known = f"one of {', '.join(names)} or 0..{K - 1}" if names else f"0..{K - 1}"
+    raise SystemExit(f"--label {label}: " + (f"expected {known}" if K else "this model is unconditional (no classes)"))
 
 
 def main(argv=None):

@@ -206,8 +206,9 @@ def run(cfg, given, state, source):
     mod, t_load = M.modality(cfg), time.time()
     train, val, num_classes = mod.load(cfg["data"])
     cfg = {**cfg, **mod.data_settings}
-    print(f"data: {len(train['x'])} training and {len(val['x'])} validation items ({cfg['data'] or 'built-in synthetic'}, "
-          f"resolution {cfg['resolution']}, {time.time() - t_load:.0f} s)")
+    print(f"data: {len(train['x'])} training and {len(val['x'])} validation items ({cfg['data'] or 'built-in synthetic'}"
+          f"{'; ' + mod.data_note if mod.data_note else ''}; resolution {cfg['resolution']}, preset {cfg['preset']}; "
+          f"{time.time() - t_load:.0f} s)")
 
     vae = mod.build_vae().to(device)
     if cfg["from_run"]:  # hyper-transforming: the source's encoder stays as it is, only the decoder learns

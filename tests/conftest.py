@@ -59,3 +59,12 @@ def settings(modality="image", **changes):
     if "resolution" in changes and modality in ("image", "video"):
         cfg["plane_res"] = cfg["resolution"]  # (as config.parse: these planes have the data's side)
     return cfg
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Prepared datasets go to a folder of the tests', never to the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
