@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -31,11 +32,19 @@ MAX_BAD = 0.01  # the share of unreadable items a dataset may have before it is 
 
 
 class Stored:
-    """Items of an array (in memory or a memmap on disk), the first axis indexed through `index`:
-    stored[i] / stored[tensor of indices] / stored[a:b] -> a torch tensor; subset(ids) -> a Stored."""
+    """Items of an array, in memory or in a file on disk, the first axis indexed through `index`:
+    stored[i] / stored[tensor of indices] / stored[a:b] -> a torch tensor; subset(ids) -> a Stored.
 
-    def __init__(self, array, index=None):
+    array: the items in memory, or a memmap of them (a .npy file of the cache, or `file`, an open
+    file with no name, such as train.py's latents). Rows on disk are read with pread into a fresh
+    array: they pass through the page cache, which the system reclaims, and never count in the
+    process's memory (a memmap's pages would, up to the whole file once every item was read). A key
+    with more axes (NeRF's scene, view, row and column of single pixels) is read through the memmap.
+    """
+
+    def __init__(self, array, index=None, file=None):
         self.array, self.index = array, np.arange(len(array)) if index is None else np.asarray(index)
+        self.file, self.fd = file, None
 
     def __len__(self):
         return len(self.index)
@@ -45,11 +54,43 @@ class Stored:
         return (len(self), *self.array.shape[1:])
 
     def __getitem__(self, key):
+        if isinstance(key, tuple):  # rows, then more axes
+            rows = self.index[key[0].numpy() if torch.is_tensor(key[0]) else key[0]]
+            return torch.from_numpy(np.require(self.array[(rows, *key[1:])], requirements=["C", "W"]))
         rows = self.index[key.numpy() if torch.is_tensor(key) else key]
-        return torch.from_numpy(np.require(self.array[rows], requirements=["C", "W"]))  # (a slice of a memmap: copied)
+        if not isinstance(self.array, np.memmap):
+            return torch.from_numpy(np.require(self.array[rows], requirements=["C", "W"]))
+        single, rows = np.ndim(rows) == 0, np.atleast_1d(rows)
+        out = np.empty((len(rows), *self.array.shape[1:]), self.array.dtype)
+        if self.fd is None:  # (pread: no shared file position, safe in forked processes)
+            self.fd = self.file.fileno() if self.file else os.open(self.array.filename, os.O_RDONLY)
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # runs of consecutive rows: one read each
+        for a, b in zip(starts, [*starts[1:], len(rows)]):
+            os.preadv(self.fd, [memoryview(out[a:b]).cast("B")], self.array.offset + int(rows[a]) * out[0].nbytes)
+        return torch.from_numpy(out[0] if single else out)
 
     def subset(self, ids):
-        return Stored(self.array, self.index[np.asarray(ids)])
+        return Stored(self.array, self.index[np.asarray(ids)], self.file)
+
+    def write(self, first, rows):
+        """Rows (a tensor) into the file from row `first` (a Stored of unnamed_file)."""
+        data = np.ascontiguousarray(rows.numpy(), dtype=self.array.dtype)
+        os.pwrite(self.file.fileno(), data.tobytes(), self.array.offset + first * data[0].nbytes)
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None and self.file is None:
+            os.close(self.fd)
+
+    def __getstate__(self):  # (an open file does not travel to another process)
+        return {**self.__dict__, "fd": None}
+
+
+def unnamed_file(folder, shape, dtype=np.float32):
+    """A Stored array of `shape` in a file with no name in `folder` (gone when closed or when the process
+    dies); fill it with .write(first row, rows), which go to disk, not to the process's memory."""
+    file = tempfile.TemporaryFile(dir=folder)
+    file.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return Stored(np.memmap(file, dtype, "r", shape=shape), file=file)
 
 
 def cache_root(cache):

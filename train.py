@@ -26,6 +26,7 @@ import torch
 import config
 import engine
 import figures
+import prepare
 from engine import DIST
 
 V = importlib.import_module("02_d2c_vae")
@@ -102,16 +103,37 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, save):
 # Stage 2: latent diffusion on the frozen VAE's latents (file 04)
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_dataset(mod, vae, x, device, batch=64):
-    """Posterior mean and std of every training item: z ~ q(z|x) is redrawn at every step."""
+def encode_dataset(mod, vae, x, device, folder, batch=64):
+    """Posterior mean and std of every training item, (n, 2, C, h, w): z ~ q(z|x) is redrawn at every step.
+
+    Data in memory: a tensor. Data on disk (a prepared folder): the latents go to a file with no
+    name in the run's folder and are read back by index, since they outgrow memory long before the
+    pictures do (the paper preset's are 2 MB per 256x256 image).
+    """
     vae.eval()
-    means, stds = [], []
+    parts, store = [], None
     for i in range(0, len(x), batch):
         q = vae.encode(mod.encoder_input(x[i:i + batch].to(device)))
         # tri-planes (B, 3, Z, h, w) are stacked on channels (B, 3Z, h, w) for the UNet of file 04
-        means.append(mod.stack_planes(q.mean.float().cpu()))
-        stds.append(mod.stack_planes(q.std.float().cpu()))
-    return torch.cat(means), torch.cat(stds)
+        both = torch.stack([mod.stack_planes(q.mean.float().cpu()), mod.stack_planes(q.std.float().cpu())], 1)
+        if torch.is_tensor(x):
+            parts.append(both)
+        else:
+            store = store or prepare.unnamed_file(folder, (len(x), *both.shape[1:]))
+            store.write(i, both)
+    return torch.cat(parts) if store is None else store
+
+
+def scale_factor(latents, chunk=256):
+    """LDM.estimate_scale_factor of z ~ q(z|x) over every item; latents on disk a chunk at a time."""
+    if torch.is_tensor(latents):
+        return LDM.estimate_scale_factor(latents[:, 0] + latents[:, 1] * torch.randn_like(latents[:, 1]))
+    n, total, squares = 0, 0.0, 0.0  # the sample standard deviation from running sums
+    for i in range(0, len(latents), chunk):
+        both = latents[i:i + chunk]
+        z = (both[:, 0] + both[:, 1] * torch.randn_like(both[:, 1])).double()
+        n, total, squares = n + z.numel(), total + z.sum().item(), squares + (z * z).sum().item()
+    return 1.0 / math.sqrt((squares - total * total / n) / (n - 1))
 
 
 def build_ldm(cfg, mod, num_classes):
@@ -122,22 +144,23 @@ def build_ldm(cfg, mod, num_classes):
 
 def train_ldm(cfg, mod, vae, ldm, ema, opt, state, train, device, save):
     s2 = state["stage2"]
-    mean, std = encode_dataset(mod, vae, train["x"], device)  # (n, C, h, w) each
+    latents = encode_dataset(mod, vae, train["x"], device, cfg["out"])  # (n, 2, C, h, w): mean and std
     if "scale_factor" not in s2:
         # scale factor 1 / std(z) from latents z ~ q(z|x), so the diffusion sees unit variance
         # (with several processes: rank 0's estimate)
-        s2["scale_factor"] = engine.from_rank0(LDM.estimate_scale_factor(mean + std * torch.randn_like(std)))
+        s2["scale_factor"] = engine.from_rank0(scale_factor(latents))
     scale, labels, B, T = s2["scale_factor"], train["label"], cfg["ldm_batch"], ldm.schedule.T
-    print(f"[ldm] {len(mean)} latents of shape {tuple(mean.shape[1:])}, scale factor {scale:.4f}")
+    print(f"[ldm] {len(latents)} latents of shape {tuple(latents.shape[2:])}, scale factor {scale:.4f}")
     model = engine.for_training(ldm, cfg)
     slices = engine.my_slices(B, cfg["grad_accum"])
     ldm.train()
 
     def draw(gen):
         # the global batch and all its draws, from the run's generator (engine.py, "Several processes")
-        idx = torch.randint(len(mean), (B,), generator=gen)
+        idx = torch.randint(len(latents), (B,), generator=gen)
         # z_0 ~ q(z|x) = mu + sigma * eps, multiplied by the scale factor
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        mu, sigma = latents[idx].unbind(1)
+        z0 = (mu + sigma * torch.randn(mu.shape, generator=gen)) * scale
         t = torch.randint(T, (B,), generator=gen)  # diffusion time per item
         eps = torch.randn(z0.shape, generator=gen)  # diffusion noise
         u = torch.rand(B, generator=gen)  # label dropout draw (labelled data only)
