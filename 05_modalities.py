@@ -114,7 +114,7 @@ class Modality:
         if n - n_val < 1:
             raise SystemExit(f"--data {data}: {n} {what}(s) found; need at least 2 (training + validation)")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        pick = lambda ids: {k: v[ids] if torch.is_tensor(v) else v.subset(ids) if isinstance(v, prepare.Stored)
+        pick = lambda ids: {k: v[ids] if torch.is_tensor(v) else v.subset(ids) if hasattr(v, "subset")
                             else [v[i] for i in ids] if isinstance(v, list) else v for k, v in items.items()}
         return pick(perm[n_val:]), pick(perm[:n_val])
 
@@ -215,13 +215,13 @@ class Modality:
 
     def evaluate(self, vae, val, device):
         """Validation PSNR at the training size, from the posterior mean -> (scores, sheet rows, row names)."""
-        scores, rec = [], []
+        scores, rec, k = [], [], self.sheet_items
         for i in range(0, len(val["x"]), self.eval_batch):
             x = self.encoder_input(val["x"][i:i + self.eval_batch].to(device))
             r = self.preview(vae, vae.decode(vae.encode(x).mean))
             scores.append(inr.psnr(r, x) * len(x))
-            rec.append(r.cpu())
-        k = self.sheet_items
+            if i < k:  # the sheet's reconstructions only: memory stays that of one batch
+                rec.append(r.cpu())
         return ({"psnr": sum(scores) / len(val["x"])}, [self.encoder_input(val["x"][:k]), torch.cat(rec)[:k]],
                 ["held out", "reconstructed"])
 

@@ -325,15 +325,13 @@ class ShapeModality(M.Modality):
             tr = synthetic_shape_params(self.synthetic_train, seed=self.seed)
             return synthetic_shapes(tr, P, Q, seed=self.seed), self.held_out_synthetic(), len(CLASSES)
         if data.lower().endswith(".npz") and os.path.isfile(data):
-            items = self.from_npz(data, "--data")
-        elif any(os.path.isfile(os.path.join(c, "train.lst")) for c in readers.convonet_classes(data)):
+            return (*self.split(self.from_npz(data, "--data"), data, "shape"), 0)
+        # a ConvONet folder: P surface and Q labelled points of each shape prepared once (prepare.py)
+        prepared = lambda split: readers.prepared_convonet(data, split, P, Q, self.seed, self.cache)
+        if any(os.path.isfile(os.path.join(c, "train.lst")) for c in readers.convonet_classes(data)):
             # the dataset's own split: train.lst for training, val.lst for validation
-            return (readers.read_convonet(data, P, Q, "train", self.seed),
-                    readers.read_convonet(data, P, Q, "val", self.seed + 1), 0)
-        else:  # a ConvONet folder without lists: every shape, split at random
-            items = readers.read_convonet(data, P, Q, None, self.seed)
-        train, val = self.split(items, data, "shape")
-        return train, val, 0
+            return prepared("train"), prepared("val"), 0
+        return (*self.split(prepared(None), data, "shape"), 0)  # no lists: every shape, a random split
 
     def from_npz(self, path, flag):
         """Items of an .npz of surface points + grids: a random subset of the points, queries labelled by the grid."""

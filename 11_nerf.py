@@ -37,14 +37,17 @@ picture height and width, F colour features, Z latent channels, h latent side.
 Left out on purpose: hierarchical (coarse + fine) sampling and unbounded scenes (file 10), and
 fitting the latent of a new scene from its pictures (test-time optimisation).
 """
+import functools
 import importlib
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import figures
+import prepare
 import readers
 
 inr = importlib.import_module("01_inr")
@@ -101,8 +104,11 @@ class NerfModality(M.Modality):
             self.data_settings = {"num_scenes": 0, "up": [0.0, 1.0, 0.0], "cam_radius": R.SCENE_RADIUS,
                                   "cam_elevation": 25.0, "fov": R.SCENE_FOV, "near": 0.0, "far": 1e9}
             return self.synthetic(self.synthetic_train, self.seed), self.held_out_synthetic(), 0
-        tr, va = readers.read_posed_scenes(data, self.resolution)
-        train, val = readers.stack_scenes(tr, "--data", data), readers.stack_scenes(va, "--data", data)
+        if folders := (readers.srn_scene_folders(data) if self.cache is not None else []):
+            train, val = self.prepared_srn(data, folders)  # SRN's many scenes: pictures prepared once, read by index
+        else:
+            tr, va = readers.read_posed_scenes(data, self.resolution)
+            train, val = readers.stack_scenes(tr, "--data", data), readers.stack_scenes(va, "--data", data)
         poses = train["poses"].flatten(0, 1)  # (n V, 4, 4)
         up = F.normalize(poses[:, :3, 1].mean(0), dim=0)  # the cameras' mean up axis is the world's
         eyes = poses[:, :3, 3]
@@ -113,6 +119,23 @@ class NerfModality(M.Modality):
                               "cam_elevation": elevation.median().item(), "fov": fov, "near": train["near"].min().item(),
                               "far": train["far"].max().item(), "scene_names": train["names"]}
         return train, val, 0
+
+    def prepared_srn(self, data, folders):
+        """A folder of SRN scenes (cars: 2458 scenes of 50 views): the cameras read now, the pictures
+        decoded once into the cache (prepare.py); every tenth view of each scene held out, as for one scene."""
+        scenes = [readers.read_srn(f, self.resolution, "--data", pictures=False) for f in folders]
+        V, S = min(len(s["poses"]) for s in scenes), self.resolution
+        files = [os.path.join(f, "rgb", n + ".png") for f in folders for n in readers.srn_views(f)]
+        pictures = prepare.prepare(data, folders, functools.partial(readers.decode_srn_views, size=S, views=V),
+                                   (V, S, S, 4), {"R": S, "V": V}, self.cache, "--data", "scenes", files=files)
+        held = readers.held_out_views(V)
+        scenes = [{k: (v[:V] if torch.is_tensor(v) and v.dim() else v) for k, v in scenes[i].items()}
+                  for i in pictures.index]  # (scenes that cannot be read are left out, see prepare.py)
+        split = [readers.every_tenth(s) for s in scenes]
+        views = lambda m: prepare.Part(pictures, lambda t: t[:, m])
+        alpha = bool((pictures[0][..., 3] < 255).any())  # transparent pictures (the first scene's say for all)
+        return (readers.stack_scenes([s[0] for s in split], "--data", data, views(~held), alpha),
+                readers.stack_scenes([s[1] for s in split], "--data", data, views(held), alpha))
 
     def synthetic(self, n, seed):
         params = R.synthetic_scene_params(n, seed=seed)
@@ -148,7 +171,8 @@ class NerfModality(M.Modality):
             Vn, H = data["images"].shape[1], data["images"].shape[2]
             v, r, c = (torch.randint(m, (B, K), generator=generator) for m in (Vn, H, H))
             scene = idx[:, None].expand(-1, K)
-            rgba = data["images"][scene, v, r, c].float() / 255  # (B, K, 4)
+            views = data["images"][idx]  # (B, V, H, H, 4): the batch's scenes (read from disk when prepared)
+            rgba = views[torch.arange(B)[:, None], v, r, c].float() / 255  # (B, K, 4)
             bg = torch.rand(B, K, 3, generator=generator) * 2 - 1 if data["alpha"] else torch.ones(B, K, 3)
             target = rgba[..., 3:] * (rgba[..., :3] * 2 - 1) + (1 - rgba[..., 3:]) * bg  # a c + (1 - a) background
             o, d = RM.pixel_rays(data["poses"][scene, v], data["intr"][scene, v], r.float(), c.float())
@@ -215,10 +239,11 @@ class NerfModality(M.Modality):
         params = {k: v[i:i + 1].expand(len(c2w), *v.shape[1:]) for k, v in items["params"].items()}
         return R.scene_render(params, o, d).reshape(-1, size, size, 3).permute(0, 3, 1, 2), c2w, intr
 
-    def compare(self, vae, items, device, n=None):
-        """Render every item's truth views from its posterior mean -> (mean PSNR, per-item PSNRs, truths, renders)."""
+    def compare(self, vae, items, device, n=None, keep=8):
+        """Render every item's truth views from its posterior mean -> (mean PSNR, per-item PSNRs, the truths
+        and renders of the first `keep` items, and the number of views compared)."""
         n = len(items["x"]) if n is None else min(n, len(items["x"]))
-        psnrs, truths, recs = [], [], []
+        psnrs, truths, recs, views = [], [], [], 0
         for i in range(n):
             truth, c2w, intr = self.truth_views(items, i)
             fields = vae.decode(vae.encode(self.encoder_input(items["x"][i:i + 1]).to(device)).mean)
@@ -227,13 +252,15 @@ class NerfModality(M.Modality):
                                           self.samples_per_ray, self.data_settings["near"], self.data_settings["far"])[0].cpu()
                                for v in range(len(c2w))])
             psnrs.append(float(inr.psnr(rec, truth)))
-            truths.append(truth)
-            recs.append(rec)
-        return sum(psnrs) / n, psnrs, truths, recs
+            views += len(rec)
+            if i < keep:  # (a sheet's worth: memory does not grow with the number of scenes)
+                truths.append(truth)
+                recs.append(rec)
+        return sum(psnrs) / n, psnrs, truths, recs, views
 
     def evaluate(self, vae, val, device):
         """Validation PSNR of held-out views (posed pictures) or of three views of held-out scenes (synthetic)."""
-        score, _, truths, recs = self.compare(vae, val, device)
+        score, _, truths, recs, _ = self.compare(vae, val, device)
         return {"psnr": score}, [torch.cat(truths)[:8], torch.cat(recs)[:8]], ["held out", "rendered"]
 
     def sample_arrays(self, vae, fields, resolutions, frames=None):
@@ -279,8 +306,8 @@ class NerfModality(M.Modality):
                                      f"({', '.join(known[:5])}{', ...' if len(known) > 5 else ''})")
             items = readers.stack_scenes(scenes, "--reconstruct", source)
             items["x"] = torch.tensor([known.index(s["name"]) if len(known) > 1 else 0 for s in scenes])
-        score, each, truths, recs = self.compare(vae, items, device, n=n or (16 if source == "synthetic" else None))
-        views, H = sum(len(t) for t in truths), truths[0].shape[-1]
+        score, each, truths, recs, views = self.compare(vae, items, device, n=n or (16 if source == "synthetic" else None))
+        H = truths[0].shape[-1]
         print(f"{len(each)} scene(s), {views} views at {H}x{H}: mean PSNR {score:.2f} dB"
               + ("" if len(each) == 1 else " (" + ", ".join(f"{p:.2f}" for p in each) + ")"))
         rows, names = [], []

@@ -1,9 +1,10 @@
-"""Preparation: a dataset decoded once, in parallel, into a uint8 array on disk that runs read by index.
+"""Preparation: a dataset decoded once, in parallel, into an array on disk that runs read by index.
 
 Plumbing, not a concept. Decoding 30,000 JPEGs takes minutes; a run should not pay that at every
 start, nor hold the decoded images in memory. The first run on a dataset decodes every item in
 worker processes on all cores, resizes it to the run's size and writes it straight into a
-preallocated uint8 array on disk (a .npy opened as a numpy memmap), with a progress line. A small
+preallocated array on disk (a .npy opened as a numpy memmap: uint8 pictures, or the float32 points
+of shapes), with a progress line. A small
 manifest beside it (the source, its files with their sizes and modification times, the size, this
 file's VERSION) says when the array is stale; otherwise the next run, whatever its --out, opens
 it at once. Training then draws batches from the array by index (`Stored`), so a run's memory does
@@ -85,6 +86,26 @@ class Stored:
         return {**self.__dict__, "fd": None}
 
 
+class Part:
+    """A part of every item of a Stored: part[key] -> take(stored[rows of key])[the key's other axes]."""
+
+    def __init__(self, stored, take):
+        self.stored, self.take = stored, take
+        self.shape = (len(stored), *take(stored[:1]).shape[1:])
+
+    def __len__(self):
+        return len(self.stored)
+
+    def __getitem__(self, key):
+        rows, more = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, int):  # one item: read as a batch of one
+            return self[(slice(rows, rows + 1), *more)][0]
+        return self.take(self.stored[rows])[(slice(None), *more)] if more else self.take(self.stored[rows])
+
+    def subset(self, ids):
+        return Part(self.stored.subset(ids), self.take)
+
+
 def unnamed_file(folder, shape, dtype=np.float32):
     """A Stored array of `shape` in a file with no name in `folder` (gone when closed or when the process
     dies); fill it with .write(first row, rows), which go to disk, not to the process's memory."""
@@ -124,19 +145,19 @@ def _decode_chunk(job):
     return len(items), bad
 
 
-def prepare(source, items, decode, shape, key, cache, flag, what="items", files=None):
-    """The items of a dataset decoded into one uint8 array of (len(items), *shape) -> Stored.
+def prepare(source, items, decode, shape, key, cache, flag, what="items", files=None, dtype=np.uint8):
+    """The items of a dataset decoded into one array of (len(items), *shape) -> Stored.
 
-    source: the dataset's path (names the cache folder); items: what decode(item) turns into a uint8
-    array of `shape` (file paths, or anything else that can be pickled); key: a dict of what else the
+    source: the dataset's path (names the cache folder); items: what decode(item) turns into an array
+    of `shape` and `dtype` (file paths, or anything else that can be pickled); key: a dict of what else the
     result depends on (the size, ...); files: those whose change makes the cache stale (default: the
     items, when they are paths). cache: a folder, "" for the default one, or None: decode into memory.
     """
     files = files or (items if all(isinstance(i, str) for i in items) else [source])
     manifest = {"version": VERSION, "source": os.path.realpath(source), "key": key, "shape": list(shape),
-                "count": len(items), "files": signature(files)}
+                "dtype": np.dtype(dtype).str, "count": len(items), "files": signature(files)}
     if cache is None:
-        return _keep_good(source, *_decode_all(items, decode, shape, None, flag, what), flag, what)
+        return _keep_good(source, *_decode_all(items, decode, shape, dtype, None, flag, what), flag, what)
     name = f"{os.path.basename(os.path.normpath(source))}-{hashlib.sha1(manifest['source'].encode()).hexdigest()[:10]}"
     folder = os.path.join(cache_root(cache), name, "-".join(f"{k}{v}" for k, v in sorted(key.items())))
     os.makedirs(folder, exist_ok=True)
@@ -149,7 +170,7 @@ def prepare(source, items, decode, shape, key, cache, flag, what="items", files=
                 print(f"{flag} {source}: prepared {what} from {folder}")
                 return _keep_good(source, np.load(array_path, mmap_mode="r"), saved["bad"], flag, what)
         print(f"{flag} {source}: preparing {len(items)} {what} once into {folder}")
-        array, bad = _decode_all(items, decode, shape, array_path + ".tmp.npy", flag, what)
+        array, bad = _decode_all(items, decode, shape, dtype, array_path + ".tmp.npy", flag, what)
         del array  # (flushed by the workers)
         os.replace(array_path + ".tmp.npy", array_path)
         tmp = manifest_path + ".tmp"
@@ -159,22 +180,23 @@ def prepare(source, items, decode, shape, key, cache, flag, what="items", files=
         return _keep_good(source, np.load(array_path, mmap_mode="r"), bad, flag, what)
 
 
-def _decode_all(items, decode, shape, path, flag, what):
+def _decode_all(items, decode, shape, dtype, path, flag, what):
     """Decode every item, in worker processes when there are many -> (array, [(index, reason), ...])."""
     n, t0, done, bad = len(items), time.time(), 0, []
     if path is None:  # in memory (--no-cache): one process
-        array = np.zeros((n, *shape), np.uint8)
+        array = np.zeros((n, *shape), dtype)
         for i, item in enumerate(items):
             try:
                 array[i] = decode(item)
             except (Exception, SystemExit) as e:
                 bad.append((i, str(e) if isinstance(e, SystemExit) else f"{item}: {type(e).__name__}: {e}"))
         return array, bad
-    if shutil.disk_usage(os.path.dirname(path)).free < n * int(np.prod(shape)) * 1.05:
+    size = n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if shutil.disk_usage(os.path.dirname(path)).free < size * 1.05:
         raise SystemExit(f"{flag}: {n} {what} of {'x'.join(map(str, shape))} need "
-                         f"{n * np.prod(shape) / 2 ** 30:.1f} GiB in {os.path.dirname(path)}; not that much is free "
+                         f"{size / 2 ** 30:.1f} GiB in {os.path.dirname(path)}; not that much is free "
                          f"(--cache DIR to prepare them elsewhere)")
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *shape))
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))
     chunk = 64
     jobs = [(decode, items[i:i + chunk], i, path) for i in range(0, n, chunk)]
     workers = min(os.cpu_count() or 1, len(jobs))

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import prepare
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mov", ".mkv")
 HELD_OUT = ("val", "valid", "validation", "test")  # beside train/, the folder of held-out items
@@ -428,48 +430,95 @@ def convonet_classes(root, flag="--data"):
     return sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
-def read_convonet(root, num_surface, num_queries, split=None, seed=0, flag="--data"):
-    """The Occupancy Networks / ConvONet ShapeNet layout -> shape items in [-1, 1]^3.
+def convonet_listing(root, split=None, flag="--data"):
+    """The shape folders of the Occupancy Networks / ConvONet ShapeNet layout, in natural order.
 
-    root/<class>/<id>/points.npz (`points` (N, 3) uniform in the padded cube [-0.55, 0.55]^3,
-    `occupancies` np.packbits of N bools) and pointcloud.npz (`points` on the surface); the
-    ids of a split are listed in root/<class>/<split>.lst (split None, or no list: every id).
-    root may also be a single class folder. Coordinates are divided by 0.55 onto [-1, 1]^3.
-    Each shape keeps num_surface surface and num_queries labelled points (a random subset),
-    about 12 (P + Q) bytes per shape in memory.
+    root/<class>/<id>/points.npz and pointcloud.npz; the ids of a split are those listed in
+    root/<class>/<split>.lst (split None, or no list: every id folder). root may also be a single
+    class folder. Listed ids whose folder is missing stay in the list: decode_convonet names them,
+    and prepare.py leaves them out with a warning when they are few.
     """
-    g = torch.Generator().manual_seed(seed)
-    surfaces, points, occs = [], [], []
+    shapes = []
     for folder in convonet_classes(root, flag):
         lst = os.path.join(folder, f"{split}.lst")
-        ids = open(lst).read().split() if split and os.path.isfile(lst) else sorted(os.listdir(folder))
-        for shape_id in ids:
-            d = os.path.join(folder, shape_id)
-            if not os.path.isfile(os.path.join(d, "points.npz")):
-                continue
-            try:
-                with np.load(os.path.join(d, "points.npz"), allow_pickle=False) as f:
-                    pts, packed = f["points"], f["occupancies"]
-                with np.load(os.path.join(d, "pointcloud.npz"), allow_pickle=False) as f:
-                    cloud = f["points"]
-            except Exception as e:
-                raise SystemExit(f"{flag} {d}: cannot read points.npz/pointcloud.npz ({type(e).__name__}: {e})")
-            ok = pts.ndim == 2 and pts.shape[1] == 3 and len(pts) and numeric(pts) and packed.dtype == np.uint8
-            ok = ok and packed.ndim == 1 and len(packed) * 8 >= len(pts)
-            if not (ok and cloud.ndim == 2 and cloud.shape[1] == 3 and len(cloud) and numeric(cloud)):
-                raise SystemExit(f"{flag} {d}: points {pts.dtype} {pts.shape}, occupancies {packed.dtype} {packed.shape}, "
-                                 f"pointcloud {cloud.dtype} {cloud.shape}; expected finite (N, 3) points, N packed "
-                                 f"uint8 occupancies, and (M, 3) surface points")
-            pts, occ, cloud = pts.astype(np.float32), np.unpackbits(packed)[:len(pts)], cloud.astype(np.float32)
-            i = torch.randint(len(pts), (num_queries,), generator=g)
-            j = torch.randint(len(cloud), (num_surface,), generator=g)
-            points.append(torch.from_numpy(pts)[i] / 0.55)
-            occs.append(torch.from_numpy(occ.astype(bool))[i])
-            surfaces.append(torch.from_numpy(cloud)[j] / 0.55)
-    if not surfaces:
+        if split and os.path.isfile(lst):
+            shapes += [os.path.join(folder, i) for i in open(lst).read().split()]
+        else:
+            shapes += [os.path.join(folder, d) for d in sorted(os.listdir(folder), key=natural)
+                       if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")]
+    if not any(os.path.isfile(os.path.join(d, "points.npz")) for d in shapes):
         raise SystemExit(f"{flag} {root}: no <class>/<id>/points.npz + pointcloud.npz found"
                          + (f" for split {split!r}" if split else ""))
-    return {"x": torch.stack(surfaces), "points": torch.stack(points), "occ": torch.stack(occs), "label": None}
+    return shapes
+
+
+def decode_convonet(job, num_surface, num_queries, flag="--data"):
+    """One ConvONet shape -> float32 (P + Q, 4): P surface points (x, y, z, 0), then Q labelled query
+    points (x, y, z, occupancy), in [-1, 1]^3 (divided by the layout's padded half-side 0.55).
+
+    job = (shape folder, seed): the random subsets of its points come from a generator of its own.
+    points.npz holds `points` (N, 3) uniform in [-0.55, 0.55]^3 and `occupancies` (np.packbits of N
+    bools); pointcloud.npz `points` (M, 3) on the surface.
+    """
+    d, seed = job
+    if missing := [f for f in ("points.npz", "pointcloud.npz") if not os.path.isfile(os.path.join(d, f))]:
+        raise SystemExit(f"{flag} {d}: no {' and no '.join(missing)}" + ("" if os.path.isdir(d) else " (no such folder)"))
+    try:
+        with np.load(os.path.join(d, "points.npz"), allow_pickle=False) as f:
+            pts, packed = f["points"], f["occupancies"]
+        with np.load(os.path.join(d, "pointcloud.npz"), allow_pickle=False) as f:
+            cloud = f["points"]
+    except Exception as e:
+        raise SystemExit(f"{flag} {d}: cannot read points.npz/pointcloud.npz ({type(e).__name__}: {str(e)[:120]})")
+    ok = pts.ndim == 2 and pts.shape[1] == 3 and len(pts) and numeric(pts) and packed.dtype == np.uint8
+    ok = ok and packed.ndim == 1 and len(packed) * 8 >= len(pts)
+    if not (ok and cloud.ndim == 2 and cloud.shape[1] == 3 and len(cloud) and numeric(cloud)):
+        raise SystemExit(f"{flag} {d}: points {pts.dtype} {pts.shape}, occupancies {packed.dtype} {packed.shape}, "
+                         f"pointcloud {cloud.dtype} {cloud.shape}; expected finite (N, 3) points, N packed "
+                         f"uint8 occupancies, and (M, 3) surface points")
+    for name, a in (("points.npz: points", pts), ("pointcloud.npz: points", cloud)):
+        if np.abs(a).max() > 1.0:  # e.g. millimetres
+            raise SystemExit(f"{flag} {d}/{name} reach {np.abs(a).max():.3g}; expected the padded unit cube "
+                             f"[-0.55, 0.55]^3 (scale the shapes to fit it)")
+    g = np.random.default_rng(seed)
+    i, j = g.integers(len(pts), size=num_queries), g.integers(len(cloud), size=num_surface)
+    out = np.zeros((num_surface + num_queries, 4), np.float32)
+    out[:num_surface, :3] = cloud[j] / 0.55
+    out[num_surface:, :3] = pts[i] / 0.55
+    out[num_surface:, 3] = np.unpackbits(packed)[:len(pts)][i]
+    return out
+
+
+def convonet_items(a, num_surface):
+    """Decoded shapes (n, P + Q, 4), a tensor or a prepare.Stored -> {"x", "points", "occ"}."""
+    parts = {"x": lambda t: t[:, :num_surface, :3], "points": lambda t: t[:, num_surface:, :3],
+             "occ": lambda t: t[:, num_surface:, 3] > 0.5}
+    if torch.is_tensor(a):
+        return {k: take(a) for k, take in parts.items()} | {"label": None}
+    return {k: prepare.Part(a, take) for k, take in parts.items()} | {"label": None}
+
+
+def prepared_convonet(root, split, num_surface, num_queries, seed, cache, flag="--data"):
+    """The shapes of a ConvONet folder's split, decoded once into the cache (prepare.py) and read by
+    index: {"x", "points", "occ"} whose values read from disk. Shape k's random subsets are seeded by
+    (seed, k), so they are those of read_convonet."""
+    shapes = convonet_listing(root, split, flag)
+    jobs = [(d, seed * 1_000_003 + k) for k, d in enumerate(shapes)]
+    files = [os.path.join(d, f) for d in shapes for f in ("points.npz", "pointcloud.npz")
+             if os.path.isfile(os.path.join(d, f))]
+    decode = functools.partial(decode_convonet, num_surface=num_surface, num_queries=num_queries, flag=flag)
+    key = {"split": split or "all", "P": num_surface, "Q": num_queries, "seed": seed}
+    stored = prepare.prepare(root, jobs, decode, (num_surface + num_queries, 4), key, cache, flag, "shapes",
+                             files=files, dtype=np.float32)
+    return convonet_items(stored, num_surface)
+
+
+def read_convonet(root, num_surface, num_queries, split=None, seed=0, flag="--data", n=None):
+    """The first n shapes (None: all) of a ConvONet folder, in memory (see convonet_listing)."""
+    shapes = convonet_listing(root, split, flag)[:n]
+    a = np.stack([decode_convonet((d, seed * 1_000_003 + k), num_surface, num_queries, flag)
+                  for k, d in enumerate(shapes)])
+    return convonet_items(torch.from_numpy(a), num_surface)
 
 
 # ----------------------------------------------------------------------------------------
@@ -489,20 +538,22 @@ def resize_views(rgba, size):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def posed_scene(rgba, c2w, focal, size, scale, near, far, name, centre=None):
+def posed_scene(rgba, c2w, focal, size, scale, near, far, name, centre=None, side=None):
     """One scene's RGBA views (V, H, H, 4) resized to `size` (0 or None: kept), positions and near/far
     divided by `scale` (so the scene fills the cube [-1, 1]^3): a dict of tensors.
 
     "images" uint8 (V, size, size, 4), "poses" (V, 4, 4) camera-to-world (OpenGL), "intr" (V, 3)
-    = (f, cx, cy) in pixels of the resized pictures, "near", "far", "name".
+    = (f, cx, cy) in pixels of the resized pictures, "near", "far", "name". rgba None: the cameras
+    only ("images" None), for pictures of side `side` (prepared elsewhere, see read_srn).
     """
-    H = rgba.shape[1]
+    H = rgba.shape[1] if rgba is not None else side
     k = (size or H) / H  # intrinsics scale with the picture
     c2w = c2w.float().clone()
     c2w[:, :3, 3] /= scale
     cx, cy = (H / 2, H / 2) if centre is None else centre  # principal point, in pixels of the file
     intr = torch.tensor([[focal * k, cx * k, cy * k]])
-    return {"images": resize_views(rgba, size or H), "poses": c2w, "intr": intr.expand(len(c2w), 3),
+    return {"images": None if rgba is None else resize_views(rgba, size or H), "poses": c2w,
+            "intr": intr.expand(len(c2w), 3),
             "near": near / scale, "far": far / scale, "name": name}
 
 
@@ -554,12 +605,12 @@ def read_nerf_synthetic(folder, split, size, flag):
     return posed_scene(rgba, c2w, focal, size, 1.5, 2.0, 6.0, os.path.basename(os.path.normpath(folder)))
 
 
-def read_srn(folder, size, flag):
+def read_srn(folder, size, flag, pictures=True):
     """An SRN scene folder: rgb/*.png, pose/*.txt (4x4 camera-to-world, OpenCV: y down, z forward),
-    intrinsics.txt (first line f cx cy; last line the picture size it refers to); near 0.8, far 1.8."""
-    names = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(folder, "rgb")) if f.endswith(".png"))
-    if not names:
-        raise SystemExit(f"{flag} {folder}/rgb: no .png pictures")
+    intrinsics.txt (first line f cx cy; last line the picture size it refers to); near 0.8, far 1.8.
+    pictures=False: the cameras only, for pictures of the first file's side (its header); the pictures
+    are decode_srn_views's."""
+    names = srn_views(folder, flag)
     try:
         lines = open(os.path.join(folder, "intrinsics.txt")).read().split("\n")
         f, cx, cy = (float(v) for v in lines[0].split()[:3])
@@ -573,13 +624,60 @@ def read_srn(folder, size, flag):
         raise SystemExit(f"{flag} {folder}: expected intrinsics.txt (f cx cy) and pose/<name>.txt with 16 numbers "
                          f"per picture ({type(e).__name__}: {e})")
     c2w[:, :3, 1:3] *= -1  # OpenCV (y down, looking down +z) -> OpenGL (y up, looking down -z)
+    name = os.path.basename(os.path.normpath(folder))
+    if not pictures:
+        from PIL import Image  # (installed with matplotlib; only the header is read)
+
+        with Image.open(os.path.join(folder, "rgb", names[0] + ".png")) as first:
+            side = first.size[0]
+        return posed_scene(None, c2w, f * side / W0, size, 1.0, 0.8, 1.8, name, centre=(cx * side / W0, cy * side / W0),
+                           side=side)
     pics = [read_square_picture(os.path.join(folder, "rgb", n + ".png"), flag) for n in names]
     if len({p.shape for p in pics}) > 1:
         raise SystemExit(f"{flag} {folder}/rgb: its pictures differ in size; expected one size per scene")
     rgba = torch.stack(pics)
     k = rgba.shape[1] / W0
-    return posed_scene(rgba, c2w, f * k, size, 1.0, 0.8, 1.8, os.path.basename(os.path.normpath(folder)),
-                       centre=(cx * k, cy * k))
+    return posed_scene(rgba, c2w, f * k, size, 1.0, 0.8, 1.8, name, centre=(cx * k, cy * k))
+
+
+def srn_views(folder, flag="--data"):
+    """The view names of an SRN scene folder (its rgb/*.png), in natural order."""
+    names = sorted((os.path.splitext(f)[0] for f in os.listdir(os.path.join(folder, "rgb")) if f.endswith(".png")),
+                   key=natural)
+    if not names:
+        raise SystemExit(f"{flag} {folder}/rgb: no .png pictures")
+    return names
+
+
+def srn_scene_folders(path):
+    """The SRN scene folders (with rgb/) inside `path`, in natural order; [] when it is not such a folder."""
+    if not os.path.isdir(path) or os.path.isdir(os.path.join(path, "rgb")):
+        return []
+    return [os.path.join(path, d) for d in sorted(os.listdir(path), key=natural)
+            if os.path.isdir(os.path.join(path, d, "rgb"))]
+
+
+def decode_srn_views(folder, size, views, flag="--data"):
+    """The first `views` pictures of an SRN scene -> uint8 numpy (views, size, size, 4) (prepare.py's decoder)."""
+    names = srn_views(folder, flag)
+    if len(names) < views:
+        raise SystemExit(f"{flag} {folder}/rgb: {len(names)} pictures; expected {views} like the other scenes")
+    pics = [read_square_picture(os.path.join(folder, "rgb", n + ".png"), flag) for n in names[:views]]
+    if len({p.shape for p in pics}) > 1:
+        raise SystemExit(f"{flag} {folder}/rgb: its pictures differ in size; expected one size per scene")
+    return resize_views(torch.stack(pics), size).numpy()
+
+
+def held_out_views(V):
+    """Which of a scene's V views are held out for validation: every tenth (the 6th, 16th, ...)."""
+    return torch.arange(V) % 10 == 5 if V >= 2 else torch.zeros(V, dtype=torch.bool)
+
+
+def every_tenth(scene):
+    """A posed scene -> (its training views, its held-out views), as two posed scenes."""
+    V_, val = len(scene["poses"]), held_out_views(len(scene["poses"]))
+    pick = lambda m: {k: (v[m] if torch.is_tensor(v) and v.dim() and len(v) == V_ else v) for k, v in scene.items()}
+    return pick(~val), pick(val)
 
 
 def read_posed_scenes(path, size, flag="--data"):
@@ -589,12 +687,6 @@ def read_posed_scenes(path, size, flag="--data"):
     its val split held out (every 10th training view when it has none). An SRN scene folder (rgb/):
     every 10th view held out. A folder of such scene folders: every scene, each split the same way.
     """
-    def every_tenth(scene):
-        V_ = len(scene["poses"])
-        val = torch.arange(V_) % 10 == 5 if V_ >= 2 else torch.zeros(V_, dtype=torch.bool)
-        pick = lambda m: {k: (v[m] if torch.is_tensor(v) and v.dim() and len(v) == V_ else v) for k, v in scene.items()}
-        return pick(~val), pick(val)
-
     def one(folder):
         if os.path.isfile(os.path.join(folder, "transforms_train.json")):
             tr = read_nerf_synthetic(folder, "train", size, flag)
@@ -621,9 +713,13 @@ def read_posed_scenes(path, size, flag="--data"):
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def stack_scenes(scenes, flag, path):
-    """Scenes of one picture size -> one dict of tensors with a leading scene axis (the fewest views of any)."""
-    sizes = {s["images"].shape[1] for s in scenes}
+def stack_scenes(scenes, flag, path, images=None, alpha=None):
+    """Scenes of one picture size -> one dict of tensors with a leading scene axis (the fewest views of any).
+
+    images: the scenes' pictures when they were prepared apart (read_srn(pictures=False)), as an
+    array-like (n, V, S, S, 4), and alpha: whether they have transparent pixels.
+    """
+    sizes = {s["images"].shape[1] if images is None else images.shape[2] for s in scenes}
     if len(sizes) > 1:
         raise SystemExit(f"{flag} {path}: pictures of different sizes {sorted(sizes)}; pass --resolution to resize them")
     V_ = min(len(s["poses"]) for s in scenes)
@@ -631,9 +727,10 @@ def stack_scenes(scenes, flag, path):
         raise SystemExit(f"{flag} {path}: a scene has no views left to use")
     if any(len(s["poses"]) > V_ for s in scenes):
         print(f"{flag} {path}: scenes have {V_} to {max(len(s['poses']) for s in scenes)} views; using the first {V_} of each")
+    # pictures with a real alpha channel train on random backgrounds (file 10, make_rays)
+    alpha = alpha if images is not None else any(bool((s["images"][..., 3] < 255).any()) for s in scenes)
     return {"x": torch.arange(len(scenes)), "label": None, "names": [s["name"] for s in scenes],
-            "images": torch.stack([s["images"][:V_] for s in scenes]), "poses": torch.stack([s["poses"][:V_] for s in scenes]),
-            "intr": torch.stack([s["intr"][:V_] for s in scenes]),
-            # pictures with a real alpha channel train on random backgrounds (file 10, make_rays)
-            "alpha": torch.tensor(any(bool((s["images"][..., 3] < 255).any()) for s in scenes)),
-            "near": torch.tensor([s["near"] for s in scenes]), "far": torch.tensor([s["far"] for s in scenes])}
+            "images": torch.stack([s["images"][:V_] for s in scenes]) if images is None else images,
+            "poses": torch.stack([s["poses"][:V_] for s in scenes]), "intr": torch.stack([s["intr"][:V_] for s in scenes]),
+            "alpha": torch.tensor(alpha), "near": torch.tensor([s["near"] for s in scenes]),
+            "far": torch.tensor([s["far"] for s in scenes])}

@@ -189,7 +189,8 @@ def run(a):
         raise SystemExit(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist")
     ck, cfg, mod, vae, ldm = load_run(a.ckpt, device, a.gpu_paths)
     if a.frames is not None and not mod.has_time:
-        raise SystemExit(f"--frames {a.frames}: a {cfg['modality']} model has no frames")
+        raise SystemExit(f"--frames {a.frames}: this {cfg['modality']} model has no frames "
+                         f"(only videos and NeRF turntables do)")
     if a.reconstruct is None:
         return sample(a, ck, cfg, mod, vae, ldm, a.resolution or [cfg["resolution"]])
     with torch.no_grad():  # (prints the scores)

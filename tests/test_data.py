@@ -174,6 +174,9 @@ def test_labels_and_flips_are_refused_where_they_do_nothing(tmp_path):
     message = one_line_error(lambda: train.main(TINY + ["--modality", "video", "--labels", "folders",
                                                         "--out", str(tmp_path / "v")]))
     assert "--labels" in message and not os.path.exists(tmp_path / "v")
+    message = one_line_error(lambda: train.main(TINY + ["--labels", "folders", "--out", str(tmp_path / "i")]))
+    assert "--labels folders: takes the classes from the folders of --data" in message
+    assert not os.path.exists(tmp_path / "i")
 
 
 def test_frames_load_in_natural_order(tmp_path):
@@ -220,3 +223,61 @@ def test_video_files_without_pyav_are_one_line_saying_what_to_install(tmp_path, 
     readers.video_frames.cache_clear()
     message = one_line_error(lambda: readers.clip_listing(str(tmp_path), 8, 8))
     assert "a.mp4: video files need PyAV: pip install av" in message
+
+
+def convonet_folder(root, n, scale=1.0):
+    """n small shapes in the ConvONet layout, class folder 'cls', all listed in train.lst."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "cls" / f"s{i}"
+        d.mkdir(parents=True)
+        pts = (rng.random((64, 3)) * 1.1 - 0.55) * scale
+        np.savez(d / "points.npz", points=pts.astype(np.float16), occupancies=np.packbits(rng.random(64) < 0.5))
+        np.savez(d / "pointcloud.npz", points=((rng.random((64, 3)) - 0.5) * scale).astype(np.float32))
+    (root / "cls" / "train.lst").write_text("\n".join(f"s{i}" for i in range(n)) + "\n")
+    (root / "cls" / "val.lst").write_text("s0\ns1\n")
+    return root
+
+
+def test_missing_convonet_shapes_are_named_and_counted(tmp_path, capsys):
+    root = convonet_folder(tmp_path / "ok", 250)
+    os.remove(root / "cls" / "s7" / "points.npz")  # a shape half copied
+    with open(root / "cls" / "train.lst", "a") as f:
+        f.write("not_there\n")  # an id the list names but the folder lacks
+    from test_shapes import shapes
+    tr, va, _ = shapes().load(str(root))
+    assert (len(tr["x"]), len(va["x"])) == (249, 2)
+    out = capsys.readouterr().out
+    assert re.search(r"left out 2 of 251 shapes that cannot be read, the first: .*s7: no points.npz", out)
+    # x, points and occupancy of one shape stay together through the split and the cache
+    direct = readers.read_convonet(str(root), 512, 512, "val")
+    assert torch.equal(va["points"][:], direct["points"]) and torch.equal(va["occ"][:], direct["occ"])
+
+
+def test_convonet_points_in_millimetres_are_one_line(tmp_path):
+    from test_shapes import shapes
+    root = convonet_folder(tmp_path / "mm", 3, scale=1000.0)
+    message = one_line_error(lambda: shapes().load(str(root)))
+    assert re.search(r"s0/points.npz: points reach [0-9.]+; expected the padded unit cube", message)
+
+
+from test_nerf import posed  # noqa: E402,F401  (the fixture: one scene's exact views, SRN layout among others)
+
+
+def test_srn_scenes_prepared_give_the_batches_of_the_scenes_in_memory(posed, tmp_path):
+    import shutil
+    for k in range(3):  # a folder of SRN scenes, as cars_train/
+        shutil.copytree(posed["root"] / "srn" / "car1", tmp_path / "cars" / f"car{k}")
+    data = str(tmp_path / "cars")
+    flags = dict(resolution=16, plane_res=16, samples_per_ray=4)
+    cached, direct = M.modality(settings("nerf", **flags)), M.modality(settings("nerf", no_cache=True, **flags))
+    (tr_c, va_c, _), (tr_d, va_d, _) = cached.load(data), direct.load(data)
+    assert isinstance(tr_c["images"], prepare.Part) and torch.is_tensor(tr_d["images"])
+    for c, d in ((tr_c, tr_d), (va_c, va_d)):
+        assert torch.equal(c["images"][torch.arange(3)], d["images"]) and torch.equal(c["poses"], d["poses"])
+    assert cached.data_settings == direct.data_settings
+    idx = torch.tensor([2, 0])
+    a = cached.training_batch(tr_c, idx, 32, torch.Generator().manual_seed(0))
+    b = direct.training_batch(tr_d, idx, 32, torch.Generator().manual_seed(0))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

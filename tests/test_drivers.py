@@ -219,7 +219,7 @@ def test_samples_do_not_depend_on_the_batch_and_beyond_the_sheet_are_stored(run,
 def test_flags_that_would_do_nothing_are_refused(run, tmp_path):
     ckpt = os.path.join(run, "ckpt.pt")
     for flags, says in ((["--eta", "0.5", "--sampler", "ddpm"], "--eta 0.5: only DDIM has eta; the sampler is ddpm"),
-                        (["--frames", "8"], "--frames 8: a image model has no frames"),
+                        (["--frames", "8"], "--frames 8: this image model has no frames"),
                         (["--reconstruct", "synthetic", "--seed", "3"], "--seed: a sampling flag; it does nothing"),
                         (["--reconstruct", "synthetic", "--guidance", "2"], "--guidance: a sampling flag")):
         with pytest.raises(SystemExit, match=re.escape(says)):

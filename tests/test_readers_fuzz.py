@@ -118,7 +118,7 @@ def convonet(root, points=None, occupancies=None, cloud=None):
         pts = (rng.random((200, 3)) * 1.1 - 0.55).astype(np.float16)
         np.savez(d / "points.npz", points=pts if points is None else points,
                  occupancies=np.packbits(rng.random(200) < 0.5) if occupancies is None else occupancies)
-        np.savez(d / "pointcloud.npz", points=rng.standard_normal((300, 3)).astype(np.float32) if cloud is None else cloud)
+        np.savez(d / "pointcloud.npz", points=(rng.random((300, 3)) - 0.5).astype(np.float32) if cloud is None else cloud)
 
 
 @pytest.mark.parametrize("field, value", [("points", np.full((200, 3), "x")), ("points", np.zeros((200, 2))),

@@ -261,14 +261,15 @@ def test_convonet_layout_is_read_with_its_splits(tmp_path):
             pts = (np.random.rand(800, 3) * 1.1 - 0.55).astype(np.float16)
             occ = np.linalg.norm(pts.astype(np.float32), axis=1) < 0.3
             np.savez(d / "points.npz", points=pts, occupancies=np.packbits(occ))
-            np.savez(d / "pointcloud.npz", points=np.random.randn(900, 3).astype(np.float32), normals=np.zeros((900, 3)))
+            np.savez(d / "pointcloud.npz", points=(np.random.rand(900, 3) - 0.5).astype(np.float32), normals=np.zeros((900, 3)))
         (tmp_path / cls / "train.lst").write_text("s0\ns1\n")
         (tmp_path / cls / "val.lst").write_text("s2\n")
     train_set, val_set, _ = shapes().load(str(tmp_path))
     assert len(train_set["x"]) == 4 and len(val_set["x"]) == 2
     # the labels travel with their points: inside exactly where |p| < 0.3 (in [-1, 1] units: 0.3 / 0.55)
-    assert torch.equal(train_set["occ"], train_set["points"].norm(dim=-1) < 0.3 / 0.55)
-    assert train_set["points"].abs().max() <= 1.0 + 1e-3
+    points, occ = train_set["points"][:], train_set["occ"][:]  # (prepared once, read from the cache)
+    assert torch.equal(occ, points.norm(dim=-1) < 0.3 / 0.55)
+    assert points.abs().max() <= 1.0 + 1e-3 and train_set["x"][:].abs().max() <= 0.5 / 0.55 + 1e-6
     # without the lists: every shape, split at random by --val-fraction
     for cls in ("02691156", "03001627"):
         os.remove(tmp_path / cls / "train.lst")

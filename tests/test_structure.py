@@ -14,7 +14,7 @@ import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBERED = sorted(glob.glob(os.path.join(ROOT, "[0-9][0-9]_*.py")))
-PLUMBING = ("config.py", "engine.py", "figures.py", "readers.py")
+PLUMBING = ("config.py", "engine.py", "figures.py", "prepare.py", "readers.py")
 
 
 def imports(path):
