@@ -36,11 +36,8 @@ SHEET = 64  # samples a sheet shows at most
 
 
 def positive_ints(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
+    values = [int(v) if v.strip().isdigit() else 0 for v in text.split(",")]  # 0: not a positive integer
+    if min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers like 64 or 32,64,128")
     return values
 
@@ -132,11 +129,9 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
                            y=None if labels is None else labels[first:first + b], guidance=a.guidance or 1.0)
             fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
             arrays = {k: x.float() for k, x in mod.sample_arrays(vae, fields, resolutions, a.frames).items()}
-        for name, x in arrays.items():
-            if not write:  # every sample, in memory
-                kept[name] = torch.cat([kept[name], x]) if name in kept else x
-            elif first < SHEET:  # the sheet's samples
-                kept[name] = (torch.cat([kept[name], x]) if name in kept else x)[:SHEET]
+        for name, x in arrays.items():  # kept: every sample when not writing, else the sheet's
+            if not write or first < SHEET:
+                kept[name] = (torch.cat([kept[name], x]) if name in kept else x)[:SHEET if write else None]
         if write:
             mod.write_samples(vae, fields, resolutions, stem, first)  # shapes: a mesh per sample
             if n > SHEET:  # every sample, in one uint8 .npy per resolution
@@ -189,8 +184,7 @@ def run(a):
         raise SystemExit(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist")
     ck, cfg, mod, vae, ldm = load_run(a.ckpt, device, a.gpu_paths)
     if a.frames is not None and not mod.has_time:
-        raise SystemExit(f"--frames {a.frames}: this {cfg['modality']} model has no frames "
-                         f"(only videos and NeRF turntables do)")
+        raise SystemExit(f"--frames {a.frames}: this {cfg['modality']} model has no frames (videos and NeRF do)")
     if a.reconstruct is None:
         return sample(a, ck, cfg, mod, vae, ldm, a.resolution or [cfg["resolution"]])
     with torch.no_grad():  # (prints the scores)

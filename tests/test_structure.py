@@ -69,3 +69,10 @@ def test_the_registry_names_every_modality_and_decoder():
         assert "load" in vars(modality), f"{cls}: a modality reads its own data"
     for name, file in M.DECODERS.items():
         assert callable(importlib.import_module(file).build_vae), name
+
+
+def test_the_drivers_and_the_readme_stay_compact():
+    # the paper's two stages read in one sitting; the README is the entry, not the manual (docs/ is)
+    for name, most in (("train.py", 350), ("sample.py", 200), ("README.md", 200)):
+        lines = open(os.path.join(ROOT, name)).read().count("\n")
+        assert lines <= most, f"{name}: {lines} lines; at most {most} (move detail to engine.py or docs/)"
