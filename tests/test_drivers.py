@@ -243,7 +243,6 @@ def test_reconstruct_reads_each_file_once_and_honours_n(run, tmp_path, capsys, m
     assert "over 4 items" in capsys.readouterr().out
 
 
-
 @pytest.mark.parametrize("speeds", [(1.0, 0.1), (0.1, 1.0), (0.5, 0.5)])
 def test_a_time_bound_is_used_whatever_the_speed_does(monkeypatch, speeds):
     # --max-minutes 1: 30 s at one speed (a busy machine at the start, say), then another speed
