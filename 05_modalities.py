@@ -341,7 +341,8 @@ class ImageModality(Modality):
 def demo_settings(**changes):
     """The settings of a small model, as a run hands them to its modality (train.py: from its config)."""
     return dict(resolution=32, plane_res=32, seed=0, val_fraction=0.1, z_ch=4, enc_ch=32, enc_mult=(1, 2, 2),
-                field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi", bases=16) | changes
+                field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi", bases=16,
+                labels="none", hflip=False, cache="", no_cache=True, clip_stride=0) | changes
 
 
 def fit(mod, vae, train, steps, batch, K, lr=1e-3, lambda_z=1e-3, seed=1):

@@ -76,3 +76,11 @@ def test_the_drivers_and_the_readme_stay_compact():
     for name, most in (("train.py", 350), ("sample.py", 200), ("README.md", 200)):
         lines = open(os.path.join(ROOT, name)).read().count("\n")
         assert lines <= most, f"{name}: {lines} lines; at most {most} (move detail to engine.py or docs/)"
+
+
+def test_the_demo_settings_build_every_modality():
+    # the demos build their modality from demo_settings (not from train.py's config): it must name
+    # every setting a modality reads, or `python NN_x.py` fails where pytest does not look
+    M = importlib.import_module("05_modalities")
+    for name, (file, cls) in M.MODALITIES.items():
+        getattr(importlib.import_module(file), cls)(M.demo_settings(frames=8, samples_per_ray=8))
