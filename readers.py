@@ -483,8 +483,8 @@ def decode_convonet(job, num_surface, num_queries, flag="--data"):
     g = np.random.default_rng(seed)
     i, j = g.integers(len(pts), size=num_queries), g.integers(len(cloud), size=num_surface)
     out = np.zeros((num_surface + num_queries, 4), np.float32)
-    out[:num_surface, :3] = cloud[j] / 0.55
-    out[num_surface:, :3] = pts[i] / 0.55
+    out[:num_surface, :3] = cloud[j].astype(np.float32) / 0.55  # (ConvONet stores float16: divide in float32)
+    out[num_surface:, :3] = pts[i].astype(np.float32) / 0.55
     out[num_surface:, 3] = np.unpackbits(packed)[:len(pts)][i]
     return out
 

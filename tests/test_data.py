@@ -252,6 +252,15 @@ def test_missing_convonet_shapes_are_named_and_counted(tmp_path, capsys):
     # x, points and occupancy of one shape stay together through the split and the cache
     direct = readers.read_convonet(str(root), 512, 512, "val")
     assert torch.equal(va["points"][:], direct["points"]) and torch.equal(va["occ"][:], direct["occ"])
+    EXACT = "donot_use_mm_for_euclid_dist"  # (the matmul form of cdist is off by ~1e-4)
+    # and they are the file's own points on [-1, 1]^3 (divided by the padded half-side 0.55), each with its label
+    with np.load(root / "cls" / "s0" / "points.npz") as f:
+        pts, occ = torch.from_numpy(f["points"].astype(np.float32)) / 0.55, np.unpackbits(f["occupancies"])[:64]
+    with np.load(root / "cls" / "s0" / "pointcloud.npz") as f:
+        cloud = torch.from_numpy(f["points"]) / 0.55
+    assert torch.cdist(va["x"][0], cloud, compute_mode=EXACT).min(1).values.max() < 1e-6
+    nearest = torch.cdist(va["points"][0], pts, compute_mode=EXACT).min(1)
+    assert nearest.values.max() < 1e-6 and torch.equal(va["occ"][0], torch.from_numpy(occ[nearest.indices.numpy()] > 0))
 
 
 def test_convonet_points_in_millimetres_are_one_line(tmp_path):
