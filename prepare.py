@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-VERSION = 1  # of the decoding: a new one makes every cache stale
+VERSION = 2  # of the decoding: a new one makes every cache stale
 MAX_BAD = 0.01  # the share of unreadable items a dataset may have before it is an error
 
 
