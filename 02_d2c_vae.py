@@ -265,16 +265,18 @@ def random_pixels(images, K, generator=None):
     return random_samples(images, inr.coord_grid(H, W, images.device).reshape(H * W, 2), K, generator)
 
 
-def query_chunked(vae, fields, coords, chunk=65536):
-    """omega at many coordinates, `chunk` of them at a time: coords (B, N, D) -> (B, N, out).
+def query_chunked(vae, fields, coords, chunk=2 ** 18):
+    """omega at many coordinates, about `chunk` queries (over all items) at a time: coords (B, N, D) -> (B, N, out).
 
-    A 1024x1024 picture or a 128^3 grid is a million queries per item; in chunks, the
-    read-out's activations of only one chunk exist at a time.
+    A 1024x1024 picture or a 128^3 grid is a million queries per item, and an evaluation batch
+    holds dozens of items; in chunks, the read-out's activations of only one chunk exist at a
+    time, whatever the batch.
     """
-    return torch.cat([vae.query(fields, coords[:, i:i + chunk]) for i in range(0, coords.shape[1], chunk)], 1)
+    step = max(1, chunk // coords.shape[0])  # coordinates per item in a chunk
+    return torch.cat([vae.query(fields, coords[:, i:i + step]) for i in range(0, coords.shape[1], step)], 1)
 
 
-def render(vae, fields, height, width, chunk=65536):
+def render(vae, fields, height, width, chunk=2 ** 18):
     """Evaluate the INR on the pixel-centre grid of any size: (B, out, H, W)."""
     B = fields[0].shape[0]
     c = inr.coord_grid(height, width, fields[0].device).reshape(1, -1, 2).expand(B, -1, -1)  # (B, HW, 2)

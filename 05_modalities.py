@@ -85,6 +85,7 @@ class Modality:
     synthetic_train, synthetic_val = 0, 0  # sizes of the built-in dataset
     embed_mult = 1  # field_ch-wide embeddings the lookup returns per scale (3 for concatenated tri-planes)
     eval_batch, recon_batch, sheet_items = 64, 32, 8  # items per batch in evaluate / reconstruct; per sheet row
+    batch_values = 64 * 3 * 128 * 128  # at most this many values in such a batch (64 pictures of 128x128)
     upsample = "bicubic"  # the plain interpolation that --reconstruct compares the INR with
     has_time = False  # whether sample.py's --frames means something (videos' frames, NeRF's turntable views)
 
@@ -181,6 +182,11 @@ class Modality:
             return x, grid.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)
         return (x, *V.random_samples(x, grid, K, generator))
 
+    def batch_items(self, items):
+        """Items per evaluation batch: `items`, fewer when they are large (batch_values at most): the
+        encoder's and decoder's activations grow with the items' size (~0.9 GB for 64 at 256x256)."""
+        return max(1, min(items, self.batch_values // self.values_per_item))
+
     @property
     def values_per_item(self):
         """D_x of the ELBO's scaling (file 02): values in one item at the training size."""
@@ -215,9 +221,9 @@ class Modality:
 
     def evaluate(self, vae, val, device):
         """Validation PSNR at the training size, from the posterior mean -> (scores, sheet rows, row names)."""
-        scores, rec, k = [], [], self.sheet_items
-        for i in range(0, len(val["x"]), self.eval_batch):
-            x = self.encoder_input(val["x"][i:i + self.eval_batch].to(device))
+        scores, rec, k, B = [], [], self.sheet_items, self.batch_items(self.eval_batch)
+        for i in range(0, len(val["x"]), B):
+            x = self.encoder_input(val["x"][i:i + B].to(device))
             r = self.preview(vae, vae.decode(vae.encode(x).mean))
             scores.append(inr.psnr(r, x) * len(x))
             if i < k:  # the sheet's reconstructions only: memory stays that of one batch
@@ -257,9 +263,9 @@ class Modality:
         size0 = self.size(self.resolution)
         rows, names = [], []
         for R in resolutions:
-            size, recs, plain = self.size(R, frames), [], []
-            for i in range(0, len(x_in), self.recon_batch):
-                fields = vae.decode(vae.encode(self.encoder_input(x_in[i:i + self.recon_batch].to(device))).mean)
+            size, recs, plain, B = self.size(R, frames), [], [], self.batch_items(self.recon_batch)
+            for i in range(0, len(x_in), B):
+                fields = vae.decode(vae.encode(self.encoder_input(x_in[i:i + B].to(device))).mean)
                 recs.append(self.render(vae, fields, size).cpu())
                 if size != size0:
                     plain.append(F.interpolate(self.render(vae, fields, size0), size=size, mode=self.upsample,

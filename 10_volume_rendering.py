@@ -191,8 +191,9 @@ class RadianceFieldVAE(V.D2CVAE):
         rgb, _ = composite(sigma.reshape(B, N, S), colour.reshape(B, N, S, 3).float(), delta, bg)
         return rgb
 
-    def render(self, fields, c2w, intrinsics, height, width, samples, near=0.0, far=math.inf, chunk=8192):
-        """Whole pictures: one camera per item, c2w (B, 4, 4), intrinsics (B, 3) -> (B, 3, H, W)."""
+    def render(self, fields, c2w, intrinsics, height, width, samples, near=0.0, far=math.inf, chunk=65536):
+        """Whole pictures: one camera per item, c2w (B, 4, 4), intrinsics (B, 3) -> (B, 3, H, W);
+        about `chunk` rays (over all items) at a time."""
         B = c2w.shape[0]
         rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
         rows, cols = rows.reshape(1, -1).expand(B, -1), cols.reshape(1, -1).expand(B, -1)  # (B, HW)

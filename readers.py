@@ -86,9 +86,12 @@ def square_uint8(x, resolution):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural(name):
     """Sort key of natural order: digits compare as numbers, so frame 2 comes before frame 10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+    return [int(t) if t.isdigit() else t.lower() for t in _DIGITS.split(name)]
 
 
 def walk(folder, extensions):
@@ -126,11 +129,11 @@ def image_listing(root, flag="--data", labels=False):
         if "train" in subdirs and val else [(root, None)]
     files, held_out, names = [], [], []
     for folder, held in parts:
-        for f in find_images(folder, flag):
-            rel = os.path.relpath(f, folder).split(os.sep)
-            files.append(f)
-            held_out.append(held)
-            names.append(rel[0] if len(rel) > 1 else None)
+        found = find_images(folder, flag)
+        start = len(os.path.join(folder, ""))  # (walk's paths all begin with folder/: no relpath, which is slow)
+        files += found
+        held_out += [held] * len(found)
+        names += [f[start:].split(os.sep, 1)[0] if os.sep in f[start:] else None for f in found]
     classes = sorted({c for c in names if c is not None}, key=natural) if labels else []
     if labels and (len(classes) < 2 or None in names):
         where = "train/ and val/" if parts[0][1] is not None else "it"

@@ -103,7 +103,7 @@ def train_vae(cfg, mod, vae, opt, state, train, val, device, save):
 # Stage 2: latent diffusion on the frozen VAE's latents (file 04)
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_dataset(mod, vae, x, device, folder, batch=64):
+def encode_dataset(mod, vae, x, device, folder):
     """Posterior mean and std of every training item, (n, 2, C, h, w): z ~ q(z|x) is redrawn at every step.
 
     Data in memory: a tensor. Data on disk (a prepared folder): the latents go to a file with no
@@ -111,7 +111,7 @@ def encode_dataset(mod, vae, x, device, folder, batch=64):
     pictures do (the paper preset's are 2 MB per 256x256 image).
     """
     vae.eval()
-    parts, store = [], None
+    parts, store, batch = [], None, mod.batch_items(64)  # (fewer when the items are large)
     for i in range(0, len(x), batch):
         q = vae.encode(mod.encoder_input(x[i:i + batch].to(device)))
         # tri-planes (B, 3, Z, h, w) are stacked on channels (B, 3Z, h, w) for the UNet of file 04
@@ -199,7 +199,8 @@ def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0
             z = ema_model.sample((n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
                                  generator=g)
             rows.append(mod.preview(vae, vae.decode(mod.unstack_planes(z / scale))).float().cpu())
-        names.append(f"class {label}" if label is not None else "")
+        classes = cfg.get("classes") or []  # their names: the folders', or the built-in ones
+        names.append("" if label is None else classes[label] if label < len(classes) else f"class {label}")
     decoder = {"ddmi": "DDMI", "mnif": "mNIF", "hyper": "hyper-transformer"}[cfg["decoder"]]
     mod.write_sheet(rows, path, names, f"{decoder} samples ({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights)")
 

@@ -290,3 +290,21 @@ def test_srn_scenes_prepared_give_the_batches_of_the_scenes_in_memory(posed, tmp
     b = direct.training_batch(tr_d, idx, 32, torch.Generator().manual_seed(0))
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_evaluation_batches_shrink_for_large_items_and_the_scores_stay():
+    # 64 pictures of 256x256 in one evaluation batch took ~0.9 GB of activations for a tiny model;
+    # the batch now holds at most batch_values values, which must not move the validation PSNR
+    mod = M.modality(settings_image())
+    assert mod.batch_items(64) == 64 and mod.batch_items(1) == 1  # 32x32 pictures: as before
+    assert M.modality(settings_image(resolution=256)).batch_items(64) == 16
+    torch.manual_seed(0)
+    vae = mod.build_vae().eval()
+    val = {"x": torch.rand(10, 3, mod.resolution, mod.resolution) * 2 - 1}
+    with torch.no_grad():
+        whole, rows, _ = mod.evaluate(vae, val, "cpu")
+        mod.batch_values = 3 * mod.values_per_item  # batches of 3, 3, 3, 1
+        assert mod.batch_items(mod.eval_batch) == 3
+        small, rows3, _ = mod.evaluate(vae, val, "cpu")
+    assert small["psnr"] == pytest.approx(whole["psnr"], abs=1e-4)
+    torch.testing.assert_close(rows3[1], rows[1], atol=1e-5, rtol=0)  # the sheet's reconstructions
