@@ -95,6 +95,7 @@ class Modality:
         self.seed, self.val_fraction = cfg["seed"], cfg["val_fraction"]
         # the data: classes from folders (images), random left-right flips, where prepared datasets live
         self.labels, self.hflip, self.cache = cfg["labels"], cfg["hflip"], None if cfg["no_cache"] else cfg["cache"]
+        self.augment = cfg["augment"]  # random changes of each stage-1 item (videos, shapes: augment_batch)
         # the VAE's sizes and kind (files 02, 03, 12)
         self.z_ch, self.enc_ch, self.enc_mult = cfg["z_ch"], cfg["enc_ch"], tuple(cfg["enc_mult"])
         self.field_ch, self.mlp_hidden, self.mlp_layers = cfg["field_ch"], cfg["mlp_hidden"], cfg["mlp_layers"]
@@ -171,16 +172,22 @@ class Modality:
     def training_batch(self, data, idx, K, generator):
         """Items idx -> (encoder input, K random grid points per item (B, K, D), the signal there (B, K, C)).
 
-        K = 0: every grid point. Every draw comes from `generator`, the run's (--hflip's too).
+        K = 0: every grid point. Every draw comes from `generator`, the run's (augment_batch's too).
         """
-        x = self.encoder_input(data["x"][idx])
-        if self.hflip:  # a random half of the items mirrored left to right (x -> -x)
-            flip = (torch.rand(len(x), generator=generator) < 0.5).view(-1, *[1] * (x.dim() - 1))
-            x = torch.where(flip, x.flip(-1), x)
+        x = self.augment_batch(self.encoder_input(data["x"][idx]), generator)
         grid = self.grid(x.shape[2:], x.device).reshape(-1, len(x.shape[2:]))  # (N, D)
         if K <= 0:
             return x, grid.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)
         return (x, *V.random_samples(x, grid, K, generator))
+
+    def augment_batch(self, x, generator):
+        """Random changes of the batch's items before they are encoded and queried: here --hflip, a random
+        half mirrored left to right (x -> -x). A change the data could hold is free data: the VAE then
+        has to encode what it sees rather than remember which training item it is."""
+        if self.hflip:
+            flip = (torch.rand(len(x), generator=generator) < 0.5).view(-1, *[1] * (x.dim() - 1))
+            x = torch.where(flip, x.flip(-1), x)
+        return x
 
     def batch_items(self, items):
         """Items per evaluation batch: `items`, fewer when they are large (batch_values at most): the
@@ -348,7 +355,7 @@ def demo_settings(**changes):
     """The settings of a small model, as a run hands them to its modality (train.py: from its config)."""
     return dict(resolution=32, plane_res=32, seed=0, val_fraction=0.1, z_ch=4, enc_ch=32, enc_mult=(1, 2, 2),
                 field_ch=16, mlp_hidden=64, mlp_layers=4, variant="hdbf_cfc", decoder="ddmi", bases=16,
-                labels="none", hflip=False, cache="", no_cache=True, clip_stride=0) | changes
+                labels="none", hflip=False, augment=False, cache="", no_cache=True, clip_stride=0) | changes
 
 
 def fit(mod, vae, train, steps, batch, K, lr=1e-3, lambda_z=1e-3, seed=1):

@@ -151,6 +151,31 @@ class VideoModality(M.Modality):
     def held_out_params(self):
         return synthetic_video_params(self.synthetic_val, seed=self.seed + 1_000_003)
 
+    def augment_batch(self, x, generator):
+        """--augment: each clip cropped (a random square of 3/4 to all of its side, anywhere in it) and
+        resized back, mirrored left to right or not, played forwards or backwards. A few dozen clips
+        become a stream of new ones. The crop is file 01's bilinear lookup at the pixel centres of the
+        clip mapped into the square: c -> a * (s c) + o, s = +-1 the mirror, a the side, o the offset."""
+        if not self.augment:
+            return super().augment_batch(x, generator)
+        B, C, T, H, W = x.shape
+        u = torch.rand(B, 5, generator=generator)  # side, mirror, offset x, offset y, backwards
+        a = 0.75 + 0.25 * u[:, 0]  # (B,) the square's side, as a share of the clip's
+        s = torch.where(u[:, 1] < 0.5, -1.0, 1.0)  # (B,) mirrored or not
+        o = (1 - a)[:, None] * (u[:, 2:4] * 2 - 1)  # (B, 2) its centre, anywhere that keeps it inside
+        c = inr.coord_grid(H, W, x.device).reshape(1, H * W, 2)  # (1, HW, 2) pixel centres (x, y)
+        c = c * torch.stack([a * s, a], -1)[:, None] + o[:, None]  # (B, HW, 2) where each pixel reads
+        frames = x.transpose(1, 2).reshape(B * T, C, H, W)  # every frame of a clip reads the same square
+        x = inr.bilinear_lookup(frames, c.repeat_interleave(T, 0))  # (B T, HW, C)
+        x = x.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B, C, T, H, W)
+        backwards = (u[:, 4] < 0.5).view(B, 1, 1, 1, 1)
+        return torch.where(backwards, x.flip(2), x)
+
+    def synthetic(self, n, seed):
+        """n built-in clips at the training size and their classes: ((n, 3, T, R, R) in [-1, 1], (n,))."""
+        p = synthetic_video_params(n, seed)
+        return synthetic_clips(p, self.frames, self.resolution, self.resolution), p["label"]
+
     def build_encoder(self):
         return VideoEncoder(self.z_ch, self.enc_ch, self.enc_mult)
 

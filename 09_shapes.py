@@ -111,9 +111,8 @@ def synthetic_occupancy(params, p):
 def synthetic_surface(params, num_points, generator=None):
     """num_points points uniformly on the surface of each union, (n, P, 3).
 
-    Each part gets 4P candidate points spread uniformly over its own surface; a candidate
-    inside another part is not on the union's surface and is dropped (weight 0); the P
-    points are drawn from the rest with probability proportional to each part's area.
+    Each part gets 4P candidate points spread uniformly over its own surface; one inside another
+    part is not on the union's surface (weight 0); the P points are drawn from the rest by area.
     """
     n, S = params["label"].shape[0], params["centre"].shape[1]
     M = 4 * num_points  # candidates per part
@@ -185,11 +184,20 @@ def synthetic_shapes(params, num_surface, num_queries, grid_res=0, seed=0):
     return out
 
 
-def grid_occupancy(grid, p):
-    """Occupancy of voxel grids at any points, by the voxel containing each point.
+def random_pose(B, generator):
+    """--augment: B random maps of space (B, 3, 3): a turn about the up axis y, a mirror image (x -> -x) half
+    the time, a stretch of 0.8-1.2 per axis. A query point keeps its label when both move: each shape is
+    seen in new poses, and the VAE must encode the points it is given, not recognise one of a few shapes."""
+    u = torch.rand(B, 5, generator=generator)
+    c, s = torch.cos(2 * torch.pi * u[:, 0]), torch.sin(2 * torch.pi * u[:, 0])
+    one, zero = torch.ones(B), torch.zeros(B)
+    turn = torch.stack([c, zero, s, zero, one, zero, -s, zero, c], -1).reshape(B, 3, 3)  # rotation about y
+    mirror = torch.stack([torch.where(u[:, 1] < 0.5, -1.0, 1.0), one, one], -1)  # (B, 3)
+    return turn * (mirror * (0.8 + 0.4 * u[:, 2:5]))[:, None, :]  # turn @ diag(mirror * stretch)
 
-    grid (n, R, R, R) bool over [-1, 1]^3 (voxel centres as in voxel_grid); p (n, N, 3) -> (n, N).
-    """
+
+def grid_occupancy(grid, p):
+    """Occupancy of voxel grids (n, R, R, R) over [-1, 1]^3 at any points p (n, N, 3), by the voxel holding each."""
     n, R = grid.shape[0], grid.shape[-1]
     # the voxel holding coordinate c is floor((c + 1) / 2 * R)
     ijk = ((p + 1) / 2 * R).floor().long().clamp(0, R - 1)  # (n, N, 3)
@@ -201,20 +209,15 @@ def grid_occupancy(grid, p):
 # The encoder: PointNet with local pooling onto the three planes, then file 02's convs
 # ----------------------------------------------------------------------------------------
 def plane_cells(p, res):
-    """Index of the plane cell each point falls in, per plane: p (B, N, 3) -> (B, 3, N) in [0, res^2).
-
-    Plane (a, b) of TRIPLANE_AXES has its width along axis a and its height along b, as in
-    bilinear_lookup, so the cell is row * res + column = index_b * res + index_a.
-    """
+    """Index of the plane cell each point falls in, per plane: p (B, N, 3) -> (B, 3, N) in [0, res^2). Plane
+    (a, b) of TRIPLANE_AXES has its width along a, its height along b (as in bilinear_lookup): index_b * res + index_a."""
     ij = ((p + 1) / 2 * res).floor().long().clamp(0, res - 1)  # (B, N, 3) cell index along each axis
     return torch.stack([ij[..., b] * res + ij[..., a] for a, b in inr.TRIPLANE_AXES], 1)
 
 
 def scatter_mean(feats, cell, num_cells):
-    """Average the features of the points falling in each cell: (B, N, C), (B, N) -> (B, num_cells, C).
-
-    Written with index_add_ on the flattened (batch, cell) index; an empty cell gets 0.
-    """
+    """Average the features of the points in each cell: (B, N, C), (B, N) -> (B, num_cells, C); with
+    index_add_ on the flattened (batch, cell) index; an empty cell gets 0."""
     B, N, C = feats.shape
     flat = (cell + torch.arange(B, device=cell.device)[:, None] * num_cells).reshape(-1)  # (B N,) global cell
     # sum_c = sum of the features of the points in cell c; count_c = how many there are
@@ -239,12 +242,10 @@ class ResidualFC(nn.Module):
 class PointNetPlanes(nn.Module):
     """Surface points (B, N, 3) -> three feature planes (B, 3, C, res, res).
 
-    A PointNet applies the same small MLP to every point. Alone, it sees each point in
-    isolation; local pooling (ConvONet, Peng et al. 2020) lets points talk to their
-    neighbours: after each block, the features are averaged over the points that fall in
-    the same cell of each plane, and every point gets back the sum of its three cells'
-    averages, concatenated to its own features. At the end the features are averaged
-    into the cells once more: those averages are the planes.
+    A PointNet applies the same small MLP to every point, each in isolation; local pooling (ConvONet,
+    Peng et al. 2020) lets points talk to their neighbours: after each block, the features are averaged
+    over the points in the same cell of each plane, and every point gets back the sum of its three
+    cells' averages beside its own features. At the end the cells' averages are the planes.
     """
 
     def __init__(self, out_ch, hidden=32, res=32, num_blocks=3, point_dim=3):
@@ -275,11 +276,10 @@ class PointNetPlanes(nn.Module):
 def exchange_planes(planes):
     """Let the three planes see each other: (B, 3, C, r, r) -> (B, 3, 3C, r, r).
 
-    Each plane gets, beside its own features, the other two planes averaged along the axis
-    it does not have and spread along the one it shares. For xy (height y, width x): xz
-    averaged over z is a function of x, laid along xy's width; yz averaged over z is a
-    function of y, laid along its height. Likewise for xz and yz. A point's three plane
-    features then all know about its whole neighbourhood in 3D, not one 2D view of it.
+    Each plane gets, beside its own features, the other two averaged along the axis it lacks and
+    spread along the one it shares. For xy (height y, width x): xz averaged over z is a function
+    of x, laid along xy's width; yz averaged over z, a function of y, along its height; likewise
+    for xz and yz. A point's three plane features then all know its whole 3D neighbourhood.
     """
     xy, xz, yz = planes.unbind(1)  # (B, C, r, r) each; xy: (y, x), xz: (z, x), yz: (z, y)
     to_xy = [xz.mean(-2, keepdim=True), yz.mean(-2).unsqueeze(-1)]  # f(x) along width, f(y) along height
@@ -302,7 +302,6 @@ class ShapeEncoder(nn.Module):
         planes = exchange_planes(self.pointnet(p))  # (B, 3, 3C, res, res)
         B = planes.shape[0]
         return self.conv(planes.flatten(0, 1)).unflatten(0, (B, 3))  # (B, 3, 2Z, h, h)
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -369,6 +368,10 @@ class ShapeModality(M.Modality):
         pick = torch.randint(Q, (B, K if K > 0 else Q), generator=generator)  # (B, K)
         coords = data["points"][idx].gather(1, pick[..., None].expand(-1, -1, 3))
         target = data["occ"][idx].gather(1, pick).float()[..., None]
+        if self.augment:  # one random pose per shape (p -> A p), for its surface and query points alike
+            A = random_pose(B, generator).transpose(1, 2)
+            fit = (0.95 / (x @ A).abs().amax((1, 2))).clamp(max=1.0)[:, None, None]  # shrunk back into the cube
+            x, coords = x @ A * fit + 0.005 * torch.randn(x.shape, generator=generator), coords @ A * fit  # + jitter
         return x, coords, target
 
     @property
@@ -469,9 +472,8 @@ class ShapeModality(M.Modality):
             items = readers.read_convonet(source, self.num_surface, self.num_queries, "test", self.seed, "--reconstruct")
         m = min(n or (16 if source == "synthetic" else len(items["x"])), len(items["x"]))  # data: every shape
         scores, rows, names = self.evaluate(vae, items, device, n=m, chamfer=True)
-        shape_names = items.get("names") or [f"#{i}" for i in range(m)]
-        print("per shape (IoU, Chamfer): " + ", ".join(f"{nm} {iou:.3f} {c:.4f}" for nm, iou, c in
-                                                       zip(shape_names, scores["iou_each"], scores["chamfer_each"])))
+        print("per shape (IoU, Chamfer): " + ", ".join(f"{nm} {iou:.3f} {c:.4f}" for nm, iou, c in zip(
+            items.get("names") or [f"#{i}" for i in range(m)], scores["iou_each"], scores["chamfer_each"])))
         grid = f"{items['grid'].shape[-1]}^3 grid" if "grid" in items else "query points"
         print(f"{m} shapes: mean IoU {scores['iou']:.3f} ({grid}), Chamfer distance "
               f"{sum(scores['chamfer_each']) / m:.5f} (squared, in [-1, 1]^3 units)")

@@ -49,6 +49,8 @@ class Config:
     labels: str = flag("none", "none, or folders: each image's class is its folder (the first level below the "
                                "data, or below train/ and val/): a class-conditional model")
     hflip: bool = flag(False, "flip a random half of each stage-1 batch left to right")
+    augment: bool = flag(False, "videos: random crops, flips and time reversal of each stage-1 clip; shapes: random "
+                                "turns about the up axis, flips, stretches and jitter of each shape (files 06, 09)")
     cache: str = flag("", "folder of prepared datasets; default: $XDG_CACHE_HOME/ddmi or ~/.cache/ddmi")
     no_cache: bool = flag(False, "decode the data into memory at every start instead of preparing it once")
     log_every: int = flag(50, "steps between progress lines")
@@ -116,7 +118,8 @@ DIFFERENCES = {
 }
 MODALITIES = ("image", "video", "shape", "nerf")  # (05_modalities.py's registry holds their files)
 ONLY_FOR = {"frames": ("video",), "clip_stride": ("video",), "samples_per_ray": ("nerf",), "plane_res": ("shape", "nerf"),
-            "labels": ("image",), "hflip": ("image", "video")}
+            "labels": ("image",), "hflip": ("image", "video"),
+            "augment": ("video", "shape")}
 
 # The range of every numeric flag: (lowest, highest, what to say when it is outside).
 _POS, _NONNEG = (1, math.inf, "a positive integer"), (0, math.inf, "a number >= 0")
@@ -223,7 +226,7 @@ def upgrade(cfg):
     """A run's saved config in today's terms: runs saved before --plane-res kept the planes' side in
     `resolution` (shapes, NeRF) and NeRF's pictures in `view_size`; older ones lacked decoder,
     bases and prediction, and predicted eps."""
-    cfg = {"decoder": "ddmi", "bases": 16, "gpu_paths": "auto", "labels": "none", "hflip": False, "clip_stride": 0, "cache": "",
+    cfg = {"decoder": "ddmi", "bases": 16, "guidance": 1.0, "gpu_paths": "auto", "labels": "none", "hflip": False, "augment": False, "clip_stride": 0, "cache": "",
            "no_cache": False, **cfg, "prediction": cfg.get("prediction") or "eps"}
     if "plane_res" not in cfg and "resolution" in cfg:
         cfg["plane_res"] = cfg["resolution"]

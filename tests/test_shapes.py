@@ -296,3 +296,20 @@ def test_bad_shape_npz_is_a_one_line_error(tmp_path, arrays, says):
     msg = str(e.value)
     assert msg.startswith(f"--data {path}: ") and says in msg and "\n" not in msg
     assert not os.path.exists(tmp_path / "out")  # no run folder left behind
+
+
+def test_augmented_shapes_move_their_points_and_queries_together():
+    # --augment: the batch of a plain run, each shape mapped by one linear map L: a turn about y, a
+    # mirror, stretches, shrunk into the cube; the query points move by the same L and keep their labels
+    plain, aug = shapes(), shapes(["--augment"])
+    data = S.synthetic_shapes(S.synthetic_shape_params(6, seed=1), 1024, 1024, seed=2)
+    idx = torch.arange(6)
+    x0, c0, t0 = plain.training_batch(data, idx, 256, torch.Generator().manual_seed(5))
+    x1, c1, t1 = aug.training_batch(data, idx, 256, torch.Generator().manual_seed(5))
+    assert torch.equal(t0, t1) and x1.abs().max() < 0.97
+    for i in range(6):
+        L = torch.linalg.lstsq(c0[i].double(), c1[i].double()).solution  # (3, 3): c1 = c0 L
+        torch.testing.assert_close(c0[i].double() @ L, c1[i].double(), atol=1e-5, rtol=0)
+        assert L[1, 0].abs() < 1e-5 and L[1, 2].abs() < 1e-5 and L[0, 1].abs() < 1e-5 and L[2, 1].abs() < 1e-5
+        assert (x1[i].double() - x0[i].double() @ L).abs().max() < 0.03  # the same map, plus jitter
+    assert not torch.equal(c0, c1)

@@ -203,3 +203,27 @@ def test_a_primitive_moves_by_velocity_times_t():
         outside = torch.tensor([[[*(centre - torch.tensor([0.3, 0.0])), t]]])  # 0.3 left of it: beyond the radius
         torch.testing.assert_close(inr.synthetic_render(p, inside)[0, 0], p["colour"][0, 2], atol=1e-4, rtol=0)
         assert (inr.synthetic_render(p, outside)[0, 0] - p["colour"][0, 2]).abs().max() > 0.05
+
+
+def test_augmented_clips_are_crops_mirrors_and_reversals_of_the_clip():
+    # --augment reads each clip through a square of side a at offset o, mirrored (s = -1) or not, played
+    # either way. On clips that are linear ramps in x, y and t, bilinear reading is exact, so every
+    # augmented pixel must be the ramp at its mapped coordinate (up to the clamp at the outermost
+    # half pixel: at most 0.5 * (1 - a) / 16); the identity (augment off) returns the batch untouched
+    from conftest import settings
+
+    mod = Vi.VideoModality(settings("video", resolution=16, frames=4, augment=True))
+    g = Vi.video_grid(4, 16, 16)  # (T, H, W, 3): (x, y, t) of every voxel
+    k = torch.tensor([[0.5, -0.3, 0.2], [-0.2, 0.4, -0.3], [0.3, 0.3, 0.4]])  # (C, 3): each channel's ramp
+    x = torch.einsum("thwd,cd->cthw", g, k)[None].repeat(32, 1, 1, 1, 1)  # (32, 3, 4, 16, 16)
+    out = mod.augment_batch(x, torch.Generator().manual_seed(0))
+    u = torch.rand(32, 5, generator=torch.Generator().manual_seed(0))  # the draws, in augment_batch's order
+    a, s = 0.75 + 0.25 * u[:, 0], torch.where(u[:, 1] < 0.5, -1.0, 1.0)
+    o = (1 - a)[:, None] * (u[:, 2:4] * 2 - 1)
+    assert (s < 0).any() and (s > 0).any() and (u[:, 4] < 0.5).any() and (u[:, 4] >= 0.5).any()
+    for i in range(32):
+        t = -g[..., 2:] if u[i, 4] < 0.5 else g[..., 2:]  # played backwards: frame t shows time -t
+        where = torch.cat([g[..., :2] * torch.stack([a[i] * s[i], a[i]]) + o[i], t], -1)
+        torch.testing.assert_close(out[i], torch.einsum("thwd,cd->cthw", where, k), atol=0.01, rtol=0)
+    mod.augment = False
+    assert torch.equal(mod.augment_batch(x, torch.Generator().manual_seed(0)), x)
