@@ -219,8 +219,9 @@ SYNTHETIC_CLASSES = ("discs", "squares", "rings")
 EDGE = 0.015  # softness of the primitives' edges, in coordinate units (a 32 px pixel is 0.0625)
 
 
-def synthetic_params(n, seed=0, num_shapes=4):
-    """Random parameters of n synthetic images (a dict of tensors), reproducible from seed."""
+def synthetic_params(n, seed=0, num_shapes=4, sizes=(0.15, 0.45)):
+    """Random parameters of n synthetic images (a dict of tensors), reproducible from seed; each image
+    has num_shapes primitives whose radius (or half-side) is uniform in `sizes`."""
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)  # uniform in [0, 1)
     return {
@@ -228,7 +229,7 @@ def synthetic_params(n, seed=0, num_shapes=4):
         "bg": u(n, 2, 3) * 2 - 1,  # (n, 2, 3) background colours at the two ends of the ramp
         "bg_dir": u(n) * 2 * torch.pi,  # (n,) direction of the ramp
         "centre": u(n, num_shapes, 2) * 1.3 - 0.65,  # (n, S, 2)
-        "size": u(n, num_shapes) * 0.3 + 0.15,  # (n, S) radius / half-side
+        "size": u(n, num_shapes) * (sizes[1] - sizes[0]) + sizes[0],  # (n, S) radius / half-side
         "angle": u(n, num_shapes) * torch.pi / 2,  # (n, S) rotation of squares
         "colour": u(n, num_shapes, 3) * 2 - 1,  # (n, S, 3)
     }

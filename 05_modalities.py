@@ -30,7 +30,8 @@ the decoder produces basis fields at R/4, R/2 and R (HDBF), and the CFC read-out
 bilinear embeddings to RGB (file 03). The likelihood is Laplace (L1, file 02). Training draws
 K random pixel centres per image (their exact colours are the targets); rendering evaluates
 the INR on the pixel-centre grid of any resolution. The built-in dataset is file 01's
-synthetic images (three classes, exact at every resolution). A user's folder of pictures is
+synthetic images (three classes, exact at every resolution), one large light primitive per
+image on a dark ramp: a first run learns to draw them in minutes. A user's folder of pictures is
 decoded once by prepare.py into a uint8 array on disk and read from it by index (its train/ and
 val/ folders are the split; with --labels folders its class folders are the labels: a
 class-conditional model, file 04's guidance); an .npz image array is read into memory.
@@ -308,7 +309,7 @@ class ImageModality(Modality):
             raise SystemExit(f"--labels folders: takes the classes from the folders of --data; {data or 'no --data'} "
                              f"is not a folder (the built-in images have their labels already)")
         if data is None:  # file 01's synthetic images with their class labels; the held-out ones keep their parameters
-            tr, va = inr.synthetic_params(self.synthetic_train, seed=self.seed), self.held_out_params()
+            tr, va = self.synthetic_params(self.synthetic_train, self.seed), self.held_out_params()
             self.data_settings["classes"] = list(self.classes)
             return ({"x": inr.synthetic_images(tr, R, R), "label": tr["label"]},
                     {"x": inr.synthetic_images(va, R, R), "label": va["label"], "params": va}, len(self.classes))
@@ -331,9 +332,22 @@ class ImageModality(Modality):
         pick = lambda m: {"x": x.subset(np.flatnonzero(m)), "label": None if items["label"] is None else items["label"][m]}
         return pick(~held), pick(held), len(found["classes"])
 
+    def synthetic_params(self, n, seed):
+        """Parameters of n built-in images (file 01), reproducible from seed: one primitive each, large
+        (radius 0.25-0.55), light (colours in [0, 1]) on a dark ramp (colours in [-1, 0]). A first run
+        learns these shapes in minutes; files 01-03 demo their ideas on file 01's busier default."""
+        p = inr.synthetic_params(n, seed=seed, num_shapes=1, sizes=(0.25, 0.55))
+        p["bg"], p["colour"] = p["bg"] * 0.5 - 0.5, p["colour"] * 0.5 + 0.5
+        return p
+
+    def synthetic(self, n, seed):
+        """n built-in images at the training size and their classes: ((n, 3, R, R) in [-1, 1], (n,))."""
+        p = self.synthetic_params(n, seed)
+        return inr.synthetic_images(p, self.resolution, self.resolution), p["label"]
+
     def held_out_params(self):
         """Parameters of train.py's held-out synthetic images (a seed of their own)."""
-        return inr.synthetic_params(self.synthetic_val, seed=self.seed + 1_000_003)
+        return self.synthetic_params(self.synthetic_val, self.seed + 1_000_003)
 
     def build_encoder(self):
         return V.ConvEncoder(3, self.z_ch, self.enc_ch, self.enc_mult)

@@ -82,6 +82,8 @@ class Config:
     p_uncond: float = flag(0.1, "label dropout for classifier-free guidance (labelled data only)")
     sampler: str = flag("", "ddim or ddpm: the sample sheet's, and sample.py's default")
     sample_steps: int = flag(0, "denoising steps of that sampler")
+    guidance: float = flag(1.0, "classifier-free guidance scale w of the sample sheet, and sample.py's default "
+                                "(labelled data; 1: none)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,7 +105,8 @@ PRESETS = {
 # large t is a few percent off, which deterministic DDIM compounds and DDPM's fresh noise corrects.
 # Tri-plane latents predict v (file 04): with eps, briefly trained samples drift off the data.
 DIFFERENCES = {
-    ("image", "tiny"): dict(batch_size=16, coords_per_item=256, z_ch=4, ldm_ch=48, prediction="eps"),
+    # every pixel of the 32x32 pictures per step (faster than drawing 256 of them); guidance 4 (docs/quality.md)
+    ("image", "tiny"): dict(batch_size=16, coords_per_item=0, z_ch=4, ldm_ch=48, prediction="eps", guidance=4.0),
     # CelebA-HQ 256: latent 64 x R/4 x R/4, fields at R/4, R/2, R; lambda_z 0.5 on sums, as ours (file 02)
     ("image", "paper"): dict(batch_size=16, coords_per_item=0, enc_mult=(1, 2, 4), lambda_z=0.5, vae_steps=500_000,
                              ldm_mult=(1, 2, 2, 4), ldm_attn=(2, 3), ldm_batch=64, prediction="eps"),
@@ -133,6 +136,7 @@ NUMBER_RANGES = {
     "val_fraction": (1e-9, 1 - 1e-9, "a fraction between 0 and 1 (exclusive)"),
     "vae_lr": (1e-12, math.inf, "a positive learning rate"), "ldm_lr": (1e-12, math.inf, "a positive learning rate"),
     "ema_decay": (0, 1 - 1e-12, "a decay in [0, 1)"), "p_uncond": (0, 1, "a probability in [0, 1]"),
+    "guidance": (0, math.inf, "a guidance scale >= 0 (1: none)"),
 }
 CHOICES = {"variant": ("single", "hdbf_concat", "hdbf_cfc"), "decoder": ("ddmi", "mnif", "hyper"),
            "sampler": ("ddim", "ddpm"), "prediction": ("eps", "v"), "stage": ("vae", "ldm", "all"),
@@ -140,7 +144,7 @@ CHOICES = {"variant": ("single", "hdbf_concat", "hdbf_cfc"), "decoder": ("ddmi",
 
 # Flags that may differ from the saved config when a run is continued.
 RESUME_FLAGS = {"out", "resume", "stage", "steps", "max_minutes", "device", "log_every", "ckpt_every",
-                "sampler", "sample_steps", "grad_accum", "compile", "gpu_paths", "cache", "no_cache"}
+                "sampler", "sample_steps", "guidance", "grad_accum", "compile", "gpu_paths", "cache", "no_cache"}
 # What a --from run takes from its source run: whatever shapes the encoder, the latents and the
 # diffusion model (and the data split), so that only the decoder differs.
 FROM_FROZEN = {"modality", "data", "preset", "seed", "resolution", "plane_res", "frames", "clip_stride",
@@ -226,8 +230,9 @@ def upgrade(cfg):
     """A run's saved config in today's terms: runs saved before --plane-res kept the planes' side in
     `resolution` (shapes, NeRF) and NeRF's pictures in `view_size`; older ones lacked decoder,
     bases and prediction, and predicted eps."""
-    cfg = {"decoder": "ddmi", "bases": 16, "guidance": 1.0, "gpu_paths": "auto", "labels": "none", "hflip": False, "augment": False, "clip_stride": 0, "cache": "",
-           "no_cache": False, **cfg, "prediction": cfg.get("prediction") or "eps"}
+    cfg = {"decoder": "ddmi", "bases": 16, "guidance": 1.0, "gpu_paths": "auto", "labels": "none", "hflip": False,
+           "augment": False, "clip_stride": 0, "cache": "", "no_cache": False, **cfg,
+           "prediction": cfg.get("prediction") or "eps"}
     if "plane_res" not in cfg and "resolution" in cfg:
         cfg["plane_res"] = cfg["resolution"]
         if cfg["modality"] in ONLY_FOR["plane_res"]:

@@ -56,7 +56,8 @@ def parse_args(argv):
     p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (the default), 1 as much as DDPM")
     p.add_argument("--seed", type=int, default=None, help="seeds the samples' noise (0): same seed, same samples")
     p.add_argument("--label", default=None, help="class to sample, by name (folder labels) or number; labelled data only")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (1: none)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (1: none); "
+                   "default: the run's (labelled data)")
     p.add_argument("--reconstruct", default=None, help="data to reconstruct, in any format --data takes, or 'synthetic'")
     p.add_argument("--out", default=None, help="output PNG; default: sample.png or reconstruct.png beside the checkpoint")
     p.add_argument("--device", default="", help="cpu or cuda; default: cuda when available")
@@ -110,6 +111,7 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
     if a.guidance is not None and K == 0:
         raise SystemExit(f"--guidance {a.guidance}: this model is unconditional (no classes to guide towards)")
     sampler, steps = a.sampler or cfg["sampler"], a.sample_steps or cfg["sample_steps"]
+    guidance = (a.guidance if a.guidance is not None else cfg["guidance"]) if K else 1.0
     if a.eta is not None and sampler != "ddim":
         raise SystemExit(f"--eta {a.eta}: only DDIM has eta; the sampler is {sampler}")
     n, seed = a.n or 16, a.seed or 0
@@ -126,7 +128,7 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(first, first + b)]
         with engine.autocast(a.gpu_paths, next(vae.parameters()).device):
             z = ldm.sample((b, *mod.latent_shape), steps=steps, sampler=sampler, eta=a.eta or 0.0, generator=gens,
-                           y=None if labels is None else labels[first:first + b], guidance=a.guidance or 1.0)
+                           y=None if labels is None else labels[first:first + b], guidance=guidance)
             fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))  # undo the latent scale factor
             arrays = {k: x.float() for k, x in mod.sample_arrays(vae, fields, resolutions, a.frames).items()}
         for name, x in arrays.items():  # kept: every sample when not writing, else the sheet's
@@ -151,8 +153,8 @@ def sample(a, ck, cfg, mod, vae, ldm, resolutions, write=True):
           + (f"; all of them in {stem}_<R>.npy" if stores else ""))
     rows, names = mod.sheet(kept, a.frames)
     mod.write_sheet(rows, out, names, f"{min(n, SHEET)} of {n} samples, {sampler} {steps} steps, seed {seed}"
-                    + (f", label {names[label] if label < len(names) else label}, guidance {a.guidance or 1.0}"
-                       if label is not None else ""))
+                    + (f", label {names[label] if label < len(names) else label}" if label is not None else "")
+                    + (f", guidance {guidance:g}" if K else ""))
     print(f"wrote {out}")
     return rows
 

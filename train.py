@@ -197,12 +197,13 @@ def sample_sheet(cfg, mod, vae, ema_model, scale, num_classes, path, n=8, seed=0
         y = torch.full((n,), label, dtype=torch.long) if label is not None else None
         with engine.autocast(cfg["gpu_paths"], device):
             z = ema_model.sample((n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
-                                 generator=g)
+                                 generator=g, guidance=cfg["guidance"] if num_classes else 1.0)
             rows.append(mod.preview(vae, vae.decode(mod.unstack_planes(z / scale))).float().cpu())
         classes = cfg.get("classes") or []  # their names: the folders', or the built-in ones
         names.append("" if label is None else classes[label] if label < len(classes) else f"class {label}")
     decoder = {"ddmi": "DDMI", "mnif": "mNIF", "hyper": "hyper-transformer"}[cfg["decoder"]]
-    mod.write_sheet(rows, path, names, f"{decoder} samples ({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights)")
+    guided = f", guidance {cfg['guidance']:g}" if num_classes and cfg["guidance"] != 1 else ""
+    mod.write_sheet(rows, path, names, f"{decoder} samples ({cfg['sampler']}, {cfg['sample_steps']} steps{guided}, EMA weights)")
 
 
 # ----------------------------------------------------------------------------------------

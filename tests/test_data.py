@@ -308,3 +308,17 @@ def test_evaluation_batches_shrink_for_large_items_and_the_scores_stay():
         small, rows3, _ = mod.evaluate(vae, val, "cpu")
     assert small["psnr"] == pytest.approx(whole["psnr"], abs=1e-4)
     torch.testing.assert_close(rows3[1], rows[1], atol=1e-5, rtol=0)  # the sheet's reconstructions
+
+
+def test_built_in_images_hold_one_light_primitive_on_a_dark_ramp():
+    # the default run's data: one primitive per image, its colour in [0, 1] and the background in
+    # [-1, 0], so every shape stands out; at its centre (on its band, for rings) the image is its colour
+    mod = M.modality(settings())
+    p = mod.synthetic_params(64, seed=3)
+    assert p["centre"].shape == (64, 1, 2) and (p["colour"] >= 0).all() and (p["bg"] <= 0).all()
+    x, y = mod.synthetic(64, seed=3)
+    assert x.shape == (64, 3, 32, 32) and torch.equal(y, p["label"])
+    on_shape = p["centre"][:, 0] + torch.where(p["label"] == 2, p["size"][:, 0], 0.0)[:, None] * torch.tensor([1.0, 0.0])
+    inr = importlib.import_module("01_inr")
+    # (within 1%: a thin ring's soft edges let a little of the background through at its band's middle)
+    torch.testing.assert_close(inr.synthetic_render(p, on_shape[:, None])[:, 0], p["colour"][:, 0], atol=0.01, rtol=0)
