@@ -31,7 +31,7 @@ bilinear embeddings to RGB (file 03). The likelihood is Laplace (L1, file 02). T
 K random pixel centres per image (their exact colours are the targets); rendering evaluates
 the INR on the pixel-centre grid of any resolution. The built-in dataset is file 01's
 synthetic images (three classes, exact at every resolution), one large light primitive per
-image on a dark ramp: a first run learns to draw them in minutes. A user's folder of pictures is
+image on a dark ramp, squares upright: a first run learns to draw them in minutes. A user's folder of pictures is
 decoded once by prepare.py into a uint8 array on disk and read from it by index (its train/ and
 val/ folders are the split; with --labels folders its class folders are the labels: a
 class-conditional model, file 04's guidance); an .npz image array is read into memory.
@@ -334,10 +334,12 @@ class ImageModality(Modality):
 
     def synthetic_params(self, n, seed):
         """Parameters of n built-in images (file 01), reproducible from seed: one primitive each, large
-        (radius 0.25-0.55), light (colours in [0, 1]) on a dark ramp (colours in [-1, 0]). A first run
-        learns these shapes in minutes; files 01-03 demo their ideas on file 01's busier default."""
+        (radius 0.25-0.55), light (colours in [0, 1]) on a dark ramp (colours in [-1, 0]), squares
+        upright. A first run learns these shapes in minutes (squares at every angle came out as
+        stars: docs/quality.md); files 01-03 demo their ideas on file 01's busier default."""
         p = inr.synthetic_params(n, seed=seed, num_shapes=1, sizes=(0.25, 0.55))
         p["bg"], p["colour"] = p["bg"] * 0.5 - 0.5, p["colour"] * 0.5 + 0.5
+        p["angle"] = torch.zeros_like(p["angle"])
         return p
 
     def synthetic(self, n, seed):

@@ -322,3 +322,4 @@ def test_built_in_images_hold_one_light_primitive_on_a_dark_ramp():
     inr = importlib.import_module("01_inr")
     # (within 1%: a thin ring's soft edges let a little of the background through at its band's middle)
     torch.testing.assert_close(inr.synthetic_render(p, on_shape[:, None])[:, 0], p["colour"][:, 0], atol=0.01, rtol=0)
+    assert (p["angle"] == 0).all()  # squares stand upright: at every angle they came out as stars
