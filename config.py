@@ -214,6 +214,9 @@ def parse(argv, description):
         if cfg[key] not in options:
             raise SystemExit(f"--{key} {cfg[key]}: expected {', '.join(options[:-1])} or {options[-1]}")
     check_decoder(cfg)
+    if cfg["variant"] != "single" and cfg["decoder"] == "ddmi" and len(cfg["enc_mult"]) < 3:
+        raise SystemExit(f"--enc-mult {','.join(map(str, cfg['enc_mult']))}: --variant {cfg['variant']} reads fields at "
+                         f"three scales, one per decoder level: give at least 3 levels (like 1,2,2)")
     factor = 2 ** (len(cfg["enc_mult"]) - 1 + len(cfg["ldm_mult"]) - 1)
     if cfg["plane_res"] % factor:
         which = "plane-res" if modality in ONLY_FOR["plane_res"] else "resolution"

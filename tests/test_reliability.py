@@ -290,6 +290,7 @@ def test_bad_input_is_one_line_naming_the_flag_or_file_and_writes_nothing(tmp_pa
         (run("--no-such-flag"), "unrecognized arguments: --no-such-flag"),
         (run("--frames", "8"), "--frames: only for video; --modality is image"),
         (run("--plane-res", "16"), "--plane-res: only for shape and nerf; --modality is image"),
+        (run("--enc-mult", "1,2"), "--enc-mult 1,2: --variant hdbf_cfc reads fields at three scales"),
         (lambda: train.main(TINY + ["--out", str(blocker / "run")]), "--out .*a_file/run: cannot write there"),
         (lambda: train.main(["--out", str(other_modality), "--resume", "--modality", "image"]),
          "checkpoint of modality 'shape', but --modality image"),
