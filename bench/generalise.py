@@ -112,8 +112,8 @@ def train_with_copies(flags, out):
     thread.join()
     if code:
         raise SystemExit(f"train.py {' '.join(flags)}: exit {code}; see {out}.log")
-    last = os.path.join(copies, f"{len(os.listdir(copies)):04d}.pt")
-    shutil.copy(ckpt, last)  # (the final one, whatever the watcher saw)
+    if os.stat(ckpt).st_mtime_ns != seen[0]:  # the final one, unless the watcher copied it already
+        shutil.copy(ckpt, os.path.join(copies, f"{len(os.listdir(copies)):04d}.pt"))
     return sorted(os.path.join(copies, f) for f in os.listdir(copies)), time.time() - t0
 
 
