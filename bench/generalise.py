@@ -171,8 +171,12 @@ def main(argv=None):
         copies, seconds = train_with_copies(flags, os.path.join(a.work, f"video-{a.name}"))
         lines += ["", "| stage-1 step | validation (3 neighbouring clips) | held out, 32x32 | held out, 64x64 |",
                   "|---|---|---|---|"]
+        steps = set()
         for path in copies:
             ck, mod, vae = load(path)
+            if ck["stage1"]["step"] in steps:  # (the last step is saved twice: its checkpoint, then marked finished)
+                continue
+            steps.add(ck["stage1"]["step"])
             _, val, _ = mod.load(train_npz)
             with torch.no_grad():
                 val_scores, _, _ = mod.evaluate(vae, val, "cpu")
@@ -185,8 +189,12 @@ def main(argv=None):
                  "--ckpt-every", str(a.every), "--seed", "0", *extra]
         copies, seconds = train_with_copies(flags, os.path.join(a.work, f"shape-{a.name}"))
         lines += ["| stage-1 step | held-out IoU (each) | held-out Chamfer |", "|---|---|---|"]
+        steps = set()
         for path in copies:
             ck, mod, vae = load(path)
+            if ck["stage1"]["step"] in steps:  # (the last step is saved twice: its checkpoint, then marked finished)
+                continue
+            steps.add(ck["stage1"]["step"])
             _, val, _ = mod.load(meshes)
             with torch.no_grad():
                 s, _, _ = mod.evaluate(vae, val, "cpu", chamfer=True)
