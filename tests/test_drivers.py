@@ -70,14 +70,14 @@ def test_guided_sampling_of_one_class(run, tmp_path):
 
 
 def test_samples_take_the_runs_guidance_unless_told(run, tmp_path):
-    # the tiny image preset guides its class-conditional samples (scale 4, docs/results.md): the
+    # the tiny image preset guides its class-conditional samples (scale 1.5, docs/quality.md): the
     # training sheet and sample.py use the run's scale unless --guidance says otherwise
-    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["config"]["guidance"] == 4.0
+    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["config"]["guidance"] == 1.5
     args = ["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "3", "--sample-steps", "2"]
     default = sample.main(args + ["--out", str(tmp_path / "a.png")])
-    four = sample.main(args + ["--guidance", "4", "--out", str(tmp_path / "b.png")])
+    same = sample.main(args + ["--guidance", "1.5", "--out", str(tmp_path / "b.png")])
     none = sample.main(args + ["--guidance", "1", "--out", str(tmp_path / "c.png")])
-    assert torch.equal(default[0], four[0]) and not torch.equal(default[0], none[0])
+    assert torch.equal(default[0], same[0]) and not torch.equal(default[0], none[0])
 
 
 def _write_images(folder, n=6):
