@@ -117,6 +117,17 @@ def train_with_copies(flags, out):
     return sorted(os.path.join(copies, f) for f in os.listdir(copies)), time.time() - t0
 
 
+def checkpoints(copies):
+    """(checkpoint, modality, VAE) of each copy, one per step (the last step is saved twice: its
+    checkpoint, then marked finished)."""
+    steps = set()
+    for path in copies:
+        ck, mod, vae = load(path)
+        if ck["stage1"]["step"] not in steps:
+            steps.add(ck["stage1"]["step"])
+            yield ck, mod, vae
+
+
 def load(path):
     ck, cfg, mod, vae, _ = S.load_run(path, torch.device("cpu"))
     return ck, mod, vae
@@ -171,12 +182,7 @@ def main(argv=None):
         copies, seconds = train_with_copies(flags, os.path.join(a.work, f"video-{a.name}"))
         lines += ["", "| stage-1 step | validation (3 neighbouring clips) | held out, 32x32 | held out, 64x64 |",
                   "|---|---|---|---|"]
-        steps = set()
-        for path in copies:
-            ck, mod, vae = load(path)
-            if ck["stage1"]["step"] in steps:  # (the last step is saved twice: its checkpoint, then marked finished)
-                continue
-            steps.add(ck["stage1"]["step"])
+        for ck, mod, vae in checkpoints(copies):
             _, val, _ = mod.load(train_npz)
             with torch.no_grad():
                 val_scores, _, _ = mod.evaluate(vae, val, "cpu")
@@ -189,12 +195,7 @@ def main(argv=None):
                  "--ckpt-every", str(a.every), "--seed", "0", *extra]
         copies, seconds = train_with_copies(flags, os.path.join(a.work, f"shape-{a.name}"))
         lines += ["| stage-1 step | held-out IoU (each) | held-out Chamfer |", "|---|---|---|"]
-        steps = set()
-        for path in copies:
-            ck, mod, vae = load(path)
-            if ck["stage1"]["step"] in steps:  # (the last step is saved twice: its checkpoint, then marked finished)
-                continue
-            steps.add(ck["stage1"]["step"])
+        for ck, mod, vae in checkpoints(copies):
             _, val, _ = mod.load(meshes)
             with torch.no_grad():
                 s, _, _ = mod.evaluate(vae, val, "cpu", chamfer=True)
