@@ -259,7 +259,7 @@ def main(argv=None):
         for name, x, y in (("real set B (the floor)", real_b, lab_b), ("stage 1: set B reconstructed", rec, lab_b),
                            ("samples", fake, lab_f)):
             pred, feats = judge(probe, flat(x))
-            lines.append(row(name, None if y is None else per_item(y, x), pred, feats, fa, cfg["classes"]))
+            lines.append(row(name, None if y is None else per_item(y, x), pred, feats, fa, mod.classes))
         if video:
             lines += ["", f"Motion (mean |frame t+1 - frame t|): real clips {motion(real_a):.4f}, stage 1 "
                           f"{motion(rec):.4f}, samples {motion(fake):.4f} (ratio {motion(fake) / motion(real_a):.2f})."]
