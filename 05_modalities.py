@@ -332,11 +332,13 @@ class ImageModality(Modality):
         pick = lambda m: {"x": x.subset(np.flatnonzero(m)), "label": None if items["label"] is None else items["label"][m]}
         return pick(~held), pick(held), len(found["classes"])
 
-    def synthetic_params(self, n, seed):
+    @staticmethod
+    def synthetic_params(n, seed):
         """Parameters of n built-in images (file 01), reproducible from seed: one primitive each, large
         (radius 0.25-0.55), light (colours in [0, 1]) on a dark ramp (colours in [-1, 0]), squares
         upright. A first run learns these shapes in minutes (squares at every angle came out as
-        stars: docs/quality.md); files 01-03 demo their ideas on file 01's busier default."""
+        stars: docs/quality.md); files 01-03 demo their ideas on file 01's busier default. The
+        built-in clips (file 06) are these pictures set in motion."""
         p = inr.synthetic_params(n, seed=seed, num_shapes=1, sizes=(0.25, 0.55))
         p["bg"], p["colour"] = p["bg"] * 0.5 - 0.5, p["colour"] * 0.5 + 0.5
         p["angle"] = torch.zeros_like(p["angle"])

@@ -30,8 +30,8 @@ then one shared 2D conv head makes each plane's posterior. Resampling time to h 
 planes equal (the paper's time planes are smaller), so they stack on channels (B, 3Z, h, h)
 for file 04's UNet exactly like a shape's tri-plane, with no packing scheme to explain.
 
-The built-in clips are file 01's synthetic images whose primitives move: centre(t) =
-centre + velocity * t, exact at any size and frame rate. Users' clips (a folder of frame
+The built-in clips are file 05's built-in pictures (one large primitive) set in motion:
+centre(t) = centre + velocity * t, exact at any size and frame rate. Users' clips (a folder of frame
 folders, or an .npz/.npy array) are read by readers.py; outputs are a GIF and a frame strip.
 
 Shape letters: B batch, C channels, T frames, H W height width, h latent side, K coordinates
@@ -65,11 +65,12 @@ def video_grid(T, H, W, device=None):
 
 
 def synthetic_video_params(n, seed=0):
-    """File 01's synthetic images' parameters, plus a velocity per primitive (coordinate units per unit of t)."""
-    p = inr.synthetic_params(n, seed=seed, num_shapes=3)
+    """The built-in pictures' parameters (file 05: one large light primitive on a dark ramp), plus a
+    velocity per primitive (coordinate units per unit of t)."""
+    p = M.ImageModality.synthetic_params(n, seed)
     g = torch.Generator().manual_seed(seed + 7)
-    # t spans 2 over a clip: a primitive moves at most 0.6 over the clip
-    p["velocity"] = (torch.rand(n, 3, 2, generator=g) * 2 - 1) * 0.3  # (n, S, 2)
+    # t spans 2 over a clip: a primitive moves at most 0.6 along each axis over the clip
+    p["velocity"] = (torch.rand(n, p["centre"].shape[1], 2, generator=g) * 2 - 1) * 0.3  # (n, S, 2)
     return p
 
 
@@ -137,6 +138,7 @@ class VideoModality(M.Modality):
         R, T = self.resolution, self.frames
         if data is None:  # the built-in synthetic clips with their classes
             tr, va = synthetic_video_params(self.synthetic_train, seed=self.seed), self.held_out_params()
+            self.data_settings["classes"] = list(self.classes)  # the sheet's rows are named by class
             return ({"x": synthetic_clips(tr, T, R, R), "label": tr["label"]},
                     {"x": synthetic_clips(va, T, R, R), "label": va["label"], "params": va}, len(self.classes))
         if os.path.isfile(data):  # a clip array: in memory

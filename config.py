@@ -110,7 +110,8 @@ DIFFERENCES = {
     # CelebA-HQ 256: latent 64 x R/4 x R/4, fields at R/4, R/2, R; lambda_z 0.5 on sums, as ours (file 02)
     ("image", "paper"): dict(batch_size=16, coords_per_item=0, enc_mult=(1, 2, 4), lambda_z=0.5, vae_steps=500_000,
                              ldm_mult=(1, 2, 2, 4), ldm_attn=(2, 3), ldm_batch=64, prediction="eps"),
-    ("video", "tiny"): dict(frames=16, coords_per_item=1024),
+    # guidance 2: the most samples of their class at the least feature distance (docs/quality.md)
+    ("video", "tiny"): dict(frames=16, coords_per_item=1024, guidance=2.0),
     ("video", "paper"): dict(frames=16, coords_per_item=16384, enc_mult=(1, 2, 2, 2)),  # SkyTimelapse 256
     ("shape", "tiny"): dict(resolution=64, plane_res=32, coords_per_item=2048),
     ("shape", "paper"): dict(resolution=64, plane_res=64, batch_size=32, coords_per_item=4096, ldm_batch=64),

@@ -194,15 +194,15 @@ def test_train_and_sample_videos_write_gifs(run, tmp_path, capsys):
 
 def test_a_primitive_moves_by_velocity_times_t():
     p = Vi.synthetic_video_params(1, seed=0)
-    p["label"][:] = 0  # discs
-    p["centre"][0] = torch.tensor([[5.0, 5.0], [5.0, 5.0], [-0.3, 0.1]])  # only the last disc in view
-    p["size"][0, 2], p["velocity"][0, 2] = 0.2, torch.tensor([0.25, -0.1])
+    p["label"][:] = 0  # a disc
+    p["centre"][0, 0], p["size"][0, 0] = torch.tensor([-0.3, 0.1]), 0.2
+    p["velocity"][0, 0] = torch.tensor([0.25, -0.1])
     for t in (-1.0, 0.0, 0.8):
         centre = torch.tensor([-0.3, 0.1]) + torch.tensor([0.25, -0.1]) * t  # centre(t) = centre + velocity t
         inside = torch.tensor([[[*centre, t]]])
         outside = torch.tensor([[[*(centre - torch.tensor([0.3, 0.0])), t]]])  # 0.3 left of it: beyond the radius
-        torch.testing.assert_close(inr.synthetic_render(p, inside)[0, 0], p["colour"][0, 2], atol=1e-4, rtol=0)
-        assert (inr.synthetic_render(p, outside)[0, 0] - p["colour"][0, 2]).abs().max() > 0.05
+        torch.testing.assert_close(inr.synthetic_render(p, inside)[0, 0], p["colour"][0, 0], atol=1e-4, rtol=0)
+        assert (inr.synthetic_render(p, outside)[0, 0] - p["colour"][0, 0]).abs().max() > 0.05
 
 
 def test_augmented_clips_are_crops_mirrors_and_reversals_of_the_clip():
