@@ -186,6 +186,9 @@ def test_train_and_sample_videos_write_gifs(run, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "s.gif").n_frames >= 2 and os.path.getsize(out) > 0
+    # the built-in clips' classes travel with the run by name, as the images' do (the sheet's row names)
+    sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "1", "--sample-steps", "2", "--label", "squares",
+                 "--out", str(tmp_path / "sq.png")])
     sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--reconstruct", "synthetic", "--n", "2", "--frames", "8",
                  "--out", str(tmp_path / "r.png")])
     text = capsys.readouterr().out
