@@ -230,7 +230,13 @@ def synthetic_scene_params(n, seed=0, num_prims=3):
     # spheres: radius 0.2-0.45 (repeated on the three axes); boxes: half sizes 0.12-0.4 per axis
     size = torch.where(kind[..., None] == 0, (0.2 + 0.25 * u(n, num_prims, 1)).expand(-1, -1, 3),
                        0.12 + 0.28 * u(n, num_prims, 3))
-    albedo = 0.2 + 0.8 * u(n, num_prims, 3)
+    # colours: a random hue, saturated and bright (HSV -> RGB), not three independent channels:
+    # those average out to greys, and a model that learns the mean colour first renders grey
+    # scenes for a long time (docs/quality.md, NeRF)
+    hsv = u(n, num_prims, 3)
+    h, s, v = hsv[..., :1], 0.6 + 0.4 * hsv[..., 1:2], 0.6 + 0.4 * hsv[..., 2:]
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h) % 6  # HSV -> RGB, channel by channel
+    albedo = v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
     return {"kind": kind, "centre": centre, "size": size, "albedo": albedo}
 
 

@@ -85,7 +85,9 @@ class NerfModality(M.Modality):
     planes, embed_mult = 3, 3  # a tri-plane whose three embeddings are concatenated
     features = 8  # F: colour features of the read-out beside the density
     out_ch = 1 + features
-    synthetic_train, synthetic_val = 1000, 16
+    # 250 built-in scenes, each seen ~50 times in the default run's 3000 steps: with 1000 (12 times
+    # each) stage 1 had the shapes but not yet the colours at the end (docs/quality.md, NeRF)
+    synthetic_train, synthetic_val = 250, 16
     num_points, encoder_points = 2048, 1024  # coloured points kept per synthetic scene; points the encoder sees
     has_time = True  # sample.py's --frames: the views of a turntable
     # what `load` learns about the data (the cameras of previews and turntables; scenes to auto-decode)
