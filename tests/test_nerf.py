@@ -1,6 +1,7 @@
 """The NeRF modality (11_nerf.py): rays (08, 10), compositing against its closed form, the synthetic scenes against
 their analytic renders, the three posed-picture readers, one scene overfit, and train.py /
 sample.py end to end on synthetic scenes and on posed pictures."""
+import colorsys
 import importlib
 import json
 import math
@@ -142,6 +143,16 @@ def test_scene_points_lie_on_the_surfaces_with_their_colours():
     torch.testing.assert_close((pts[0, :, :3] - torch.tensor([0.0, 0.1, -0.1])).norm(dim=-1), torch.full((300,), 0.4))
     normal = (pts[0, 0, :3] - torch.tensor([0.0, 0.1, -0.1])) / 0.4
     torch.testing.assert_close(pts[0, 0, 3:], lambert((0.5, 0.6, 0.7), normal.tolist()))
+
+
+def test_synthetic_colours_are_saturated_hues():
+    # HSV -> RGB done right (checked with the standard library's inverse): value and saturation
+    # in [0.6, 1], hues spread evenly round the circle
+    albedo = R.synthetic_scene_params(400, seed=3)["albedo"].reshape(-1, 3)
+    hsv = torch.tensor([colorsys.rgb_to_hsv(*c) for c in albedo.tolist()])
+    assert hsv[:, 1:].min() >= 0.6 - 1e-5 and hsv[:, 1:].max() <= 1 + 1e-5
+    share = torch.histc(hsv[:, 0], 6, 0, 1) / len(hsv)  # six 60-degree sectors of 1200 colours
+    assert share.min() > 0.12 and share.max() < 0.22, share
 
 
 def synthetic_views(params, V_, size, seed=0):
