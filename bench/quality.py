@@ -153,11 +153,16 @@ def histogram_distance(a, b, bins=16):
     return sum(d) / 3
 
 
+def turntable_cameras(mod, views, size):
+    """The sample sheets' turntable: `views` cameras evenly round the up axis -> c2w, intr."""
+    return mod.cameras([360.0 * t / views for t in range(views)], size)
+
+
 @torch.no_grad()
 def turntables(mod, params, views, size):
-    """Exact renders (on white) of synthetic NeRF scenes from the sample sheets' turntable cameras:
+    """Exact renders (on white) of synthetic NeRF scenes from the turntable cameras:
     (n, 3, views, size, size) in [-1, 1]."""
-    c2w, intr = mod.cameras([360.0 * t / views for t in range(views)], size)
+    c2w, intr = turntable_cameras(mod, views, size)
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     o, d = RM.pixel_rays(c2w[:, None], intr[:, None], rows.reshape(1, -1).float(), cols.reshape(1, -1).float())
     out = []
@@ -168,11 +173,10 @@ def turntables(mod, params, views, size):
 
 
 @torch.no_grad()
-def nerf_reconstructions(mod, vae, params, views, size, batch=16):
+def nerf_reconstructions(mod, vae, points, views, size, batch=16):
     """Stage 1 alone on NeRF: scenes encoded from their coloured point clouds (posterior mean), rendered
-    from the turntable cameras of `turntables`: (n, 3, views, size, size)."""
-    points = R10.scene_points(params, mod.num_points, torch.Generator().manual_seed(0))
-    c2w, intr = mod.cameras([360.0 * t / views for t in range(views)], size)
+    from the turntable cameras: (n, 3, views, size, size)."""
+    c2w, intr = turntable_cameras(mod, views, size)
     return torch.cat([mod.render_views(vae, vae.decode(vae.encode(mod.encoder_input(points[i:i + batch])).mean), c2w, intr, size)
                       for i in range(0, len(points), batch)])
 
@@ -281,8 +285,9 @@ def main(argv=None):
         lines.append(f"Probe (how many of a scene's 3 primitives are boxes, from one view): held-out accuracy "
                      f"**{acc:.1%}** on 1000 fresh views ({probe_path}, {time.time() - t0:.0f} s).")
         real_a = turntables(mod, R10.synthetic_scene_params(a.n, seed=11), a.views, cfg["resolution"])
-        real_b = turntables(mod, R10.synthetic_scene_params(a.n, seed=12), a.views, cfg["resolution"])
-        rec = nerf_reconstructions(mod, vae, R10.synthetic_scene_params(a.n, seed=12), a.views, cfg["resolution"])
+        set_b = mod.synthetic(a.n, 12)  # the scenes and their coloured point clouds
+        real_b = turntables(mod, set_b["params"], a.views, cfg["resolution"])
+        rec = nerf_reconstructions(mod, vae, set_b["x"], a.views, cfg["resolution"])
         fake, _ = samples_of(a, ck, cfg, mod, vae, ldm, a.n)
         fa = judge(probe, frames_of(real_a))[1]
         lines += ["", "| set | mean saturation | colour histogram distance to set A | FD to set A (probe features) |",
