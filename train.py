@@ -283,6 +283,10 @@ def run(cfg, given, state, source):
                                        "stage2": {"steps": s2["step"], "loss": s2.get("recent_loss")}, "config": cfg})
             figures.plot_losses({"stage1": s1["history"], "stage2": s2["history"]}, os.path.join(out, "losses.png"))
 
+    for tag, key in (("vae", "stage1"), ("ldm", "stage2")):  # a finished stage is kept as it is, even with --steps
+        if state[key].get("done") and cfg["stage"] in (tag, "all") and main_rank:
+            print(f"[{tag}] finished in an earlier run at step {state[key]['step']}: not trained again "
+                  f"(to train longer, start a new run with more --steps)")
     try:
         if cfg["stage"] in ("vae", "all") and not state["stage1"].get("done"):
             t = time.time()

@@ -126,6 +126,17 @@ def test_killed_run_resumes_from_its_last_checkpoint_exactly(reference, tmp_path
     assert_same_run(reference, os.path.join(out, "ckpt.pt"))
 
 
+def test_resuming_a_finished_run_says_so_and_keeps_its_weights(reference, tmp_path, capsys):
+    # --resume --steps 8 on a run that finished at 6: nothing trains, and the run says why
+    out = str(tmp_path / "r")
+    shutil.copytree(os.path.dirname(reference), out)
+    train.main(["--out", out, "--resume", "--steps", "8"])
+    said = capsys.readouterr().out
+    assert "[vae] finished in an earlier run at step 6: not trained again" in said
+    assert "[ldm] finished in an earlier run at step 6: not trained again" in said
+    assert_same_run(reference, os.path.join(out, "ckpt.pt"))
+
+
 SAVER = """
 import importlib, sys, torch
 sys.path.insert(0, {repo!r})
