@@ -2,6 +2,7 @@
 
     python bench/shapes.py --ckpt runs/shape/ckpt.pt            # a run on the built-in synthetic shapes
     python bench/shapes.py --ckpt runs/shape/ckpt.pt --n 64 --out bench/shapes.md
+    python bench/shapes.py --ckpt runs/shape/ckpt.pt --guidance 2   # classifier-free guidance (sampling only)
 
 Every cloud has --points points (2048, as in Achlioptas et al. 2018), in the [-1, 1]^3 frame
 of the data (no re-normalisation). Four sets are compared with the same reference set (held-out
@@ -32,8 +33,15 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a shape run on the built-in synthetic shapes")
     p.add_argument("--n", type=int, default=48, help="shapes per set")
     p.add_argument("--points", type=int, default=2048, help="points per cloud")
+    p.add_argument("--guidance", type=float, default=0, help="classifier-free guidance scale; default: the run's")
+    p.add_argument("--sets", default="generated,reconstructed,fresh,one shape",
+                   help="the sets to score, comma-separated (each takes about 2 minutes at --n 48)")
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
     a = p.parse_args(argv)
+    wanted = a.sets.split(",")
+    if unknown := set(wanted) - {"generated", "reconstructed", "fresh", "one shape"}:
+        raise SystemExit(f"--sets {a.sets}: unknown {', '.join(sorted(unknown))}; expected some of "
+                         f"generated,reconstructed,fresh,one shape")
     torch.manual_seed(0)
     device = torch.device("cpu")
     ck, cfg, mod, vae, ldm = S.load_run(a.ckpt, device)
@@ -49,28 +57,31 @@ def main(argv=None):
         t = time.time()
         K = ck["num_classes"]
         y = torch.arange(a.n) % K if K else None
-        z = ldm.sample((a.n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
-                       generator=torch.Generator().manual_seed(0))
-        fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))
+        guidance = (a.guidance or cfg["guidance"]) if K else 1.0
         R = cfg["resolution"]  # the run's grid of IoU and meshes
-        sets["generated"] = torch.cat([mod.mesh_clouds(mod.logit_grid(vae, [f[i:i + 8] for f in fields], R), a.points, seed=i)
-                                       for i in range(0, a.n, 8)])
+        if "generated" in wanted:
+            z = ldm.sample((a.n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
+                           guidance=guidance, generator=torch.Generator().manual_seed(0))
+            fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))
+            sets["generated"] = torch.cat([mod.mesh_clouds(mod.logit_grid(vae, [f[i:i + 8] for f in fields], R),
+                                                           a.points, seed=i) for i in range(0, a.n, 8)])
         seconds["generated"] = time.time() - t
         t = time.time()
         rec = []
-        for i in range(0, a.n, 8):
+        for i in range(0, a.n if "reconstructed" in wanted else 0, 8):
             fields = vae.decode(vae.encode(mod.encoder_input(ref[i:i + 8])).mean)
             rec.append(mod.mesh_clouds(mod.logit_grid(vae, fields, R), a.points, seed=i))
-        sets["reconstructed"] = torch.cat(rec)
+        if rec:
+            sets["reconstructed"] = torch.cat(rec)
         seconds["reconstructed"] = time.time() - t
     fresh = Sh.synthetic_shape_params(a.n, seed=12345)
     sets["fresh"] = Sh.synthetic_surface(fresh, a.points, g)
     sets["one shape"] = sets["fresh"][:1].expand(a.n, -1, -1).contiguous()
     lines = [f"Reference: {a.n} held-out synthetic shapes, {a.points} points each; run {a.ckpt} "
              f"(stage 1 {ck['stage1']['step']} steps, stage 2 {ck['stage2']['step']} steps, {cfg['sampler']} "
-             f"{cfg['sample_steps']} steps).", "",
+             f"{cfg['sample_steps']} steps, guidance {guidance:g}).", "",
              "| set | MMD-CD x10^3 (lower is better) | COV-CD % (higher) | 1-NNA-CD % (50 is ideal) |", "|---|---|---|---|"]
-    for name, clouds in sets.items():
+    for name, clouds in ((k, v) for k, v in sets.items() if k in wanted):
         t = time.time()
         m = G.mmd_cov_1nna(clouds, ref)
         lines.append(f"| {name} | {m['mmd'] * 1e3:.2f} | {m['cov'] * 100:.1f} | {m['nna'] * 100:.1f} |")
