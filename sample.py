@@ -67,6 +67,8 @@ def parse_args(argv):
     for name in ("n", "batch", "frames"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name} {getattr(a, name)}: expected a positive number")
+    if a.out is not None and not a.out.lower().endswith(".png"):  # (the GIF, meshes and arrays go beside it)
+        p.error(f"--out {a.out}: expected a path ending in .png")
     if a.sample_steps is not None and not 1 <= a.sample_steps <= 1000:
         p.error(f"--sample-steps {a.sample_steps}: expected 1..1000")
     if a.reconstruct is not None:  # the sampler's flags do nothing when reconstructing

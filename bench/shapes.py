@@ -33,6 +33,9 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="ckpt.pt of a shape run on the built-in synthetic shapes")
     p.add_argument("--n", type=int, default=48, help="shapes per set")
     p.add_argument("--points", type=int, default=2048, help="points per cloud")
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples' noise")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's")
+    p.add_argument("--sample-steps", type=int, default=0, help="denoising steps; default: the run's")
     p.add_argument("--guidance", type=float, default=0, help="classifier-free guidance scale; default: the run's")
     p.add_argument("--sets", default="generated,reconstructed,fresh,one shape",
                    help="the sets to score, comma-separated (each takes about 2 minutes at --n 48)")
@@ -58,10 +61,11 @@ def main(argv=None):
         K = ck["num_classes"]
         y = torch.arange(a.n) % K if K else None
         guidance = (a.guidance or cfg["guidance"]) if K else 1.0
+        sampler, steps = a.sampler or cfg["sampler"], a.sample_steps or cfg["sample_steps"]
         R = cfg["resolution"]  # the run's grid of IoU and meshes
         if "generated" in wanted:
-            z = ldm.sample((a.n, *mod.latent_shape), steps=cfg["sample_steps"], sampler=cfg["sampler"], y=y,
-                           guidance=guidance, generator=torch.Generator().manual_seed(0))
+            z = ldm.sample((a.n, *mod.latent_shape), steps=steps, sampler=sampler, y=y,
+                           guidance=guidance, generator=torch.Generator().manual_seed(a.seed))
             fields = vae.decode(mod.unstack_planes(z / ck["stage2"]["scale_factor"]))
             sets["generated"] = torch.cat([mod.mesh_clouds(mod.logit_grid(vae, [f[i:i + 8] for f in fields], R),
                                                            a.points, seed=i) for i in range(0, a.n, 8)])
@@ -78,8 +82,8 @@ def main(argv=None):
     sets["fresh"] = Sh.synthetic_surface(fresh, a.points, g)
     sets["one shape"] = sets["fresh"][:1].expand(a.n, -1, -1).contiguous()
     lines = [f"Reference: {a.n} held-out synthetic shapes, {a.points} points each; run {a.ckpt} "
-             f"(stage 1 {ck['stage1']['step']} steps, stage 2 {ck['stage2']['step']} steps, {cfg['sampler']} "
-             f"{cfg['sample_steps']} steps, guidance {guidance:g}).", "",
+             f"(stage 1 {ck['stage1']['step']} steps, stage 2 {ck['stage2']['step']} steps, {sampler} "
+             f"{steps} steps, guidance {guidance:g}, noise seed {a.seed}).", "",
              "| set | MMD-CD x10^3 (lower is better) | COV-CD % (higher) | 1-NNA-CD % (50 is ideal) |", "|---|---|---|---|"]
     for name, clouds in ((k, v) for k, v in sets.items() if k in wanted):
         t = time.time()

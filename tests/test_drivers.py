@@ -243,6 +243,15 @@ def test_flags_that_would_do_nothing_are_refused(run, tmp_path):
         sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--guidance", "3"])
 
 
+def test_out_that_is_not_a_png_is_refused_before_anything_is_written(run, tmp_path):
+    # the sheet is a PNG and the meshes, arrays and GIF take its stem: "--out sheet" used to write
+    # them and then fail inside matplotlib ("Format 'tmp' is not supported")
+    out = str(tmp_path / "sheet")
+    with pytest.raises(SystemExit, match=re.escape(f"--out {out}: expected a path ending in .png")):
+        sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--n", "2", "--out", out])
+    assert os.listdir(tmp_path) == []
+
+
 def test_reconstruct_reads_each_file_once_and_honours_n(run, tmp_path, capsys, monkeypatch):
     folder = str(tmp_path / "imgs")
     _write_images(folder)
