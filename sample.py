@@ -56,13 +56,11 @@ def parse_args(argv):
     p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (the default), 1 as much as DDPM")
     p.add_argument("--seed", type=int, default=None, help="seeds the samples' noise (0): same seed, same samples")
     p.add_argument("--label", default=None, help="class to sample, by name (folder labels) or number; labelled data only")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (1: none); "
-                   "default: the run's (labelled data)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w (1: none); default: the run's")
     p.add_argument("--reconstruct", default=None, help="data to reconstruct, in any format --data takes, or 'synthetic'")
     p.add_argument("--out", default=None, help="output PNG; default: sample.png or reconstruct.png beside the checkpoint")
     p.add_argument("--device", default="", help="cpu or cuda; default: cuda when available")
-    p.add_argument("--gpu-paths", choices=("auto", "on", "off"), default="auto",
-                   help="bf16 autocast: auto (on CUDA), on (on a CPU too), off")
+    p.add_argument("--gpu-paths", choices=("auto", "on", "off"), default="auto", help="bf16 autocast: auto (on CUDA), on, off")
     a = p.parse_args(argv)
     for name in ("n", "batch", "frames"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
