@@ -71,11 +71,11 @@ def main(argv=None):
                                                            a.points, seed=i) for i in range(0, a.n, 8)])
         seconds["generated"] = time.time() - t
         t = time.time()
-        rec = []
-        for i in range(0, a.n if "reconstructed" in wanted else 0, 8):
-            fields = vae.decode(vae.encode(mod.encoder_input(ref[i:i + 8])).mean)
-            rec.append(mod.mesh_clouds(mod.logit_grid(vae, fields, R), a.points, seed=i))
-        if rec:
+        if "reconstructed" in wanted:
+            rec = []
+            for i in range(0, a.n, 8):
+                fields = vae.decode(vae.encode(mod.encoder_input(ref[i:i + 8])).mean)
+                rec.append(mod.mesh_clouds(mod.logit_grid(vae, fields, R), a.points, seed=i))
             sets["reconstructed"] = torch.cat(rec)
         seconds["reconstructed"] = time.time() - t
     fresh = Sh.synthetic_shape_params(a.n, seed=12345)
