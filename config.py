@@ -32,8 +32,8 @@ class Config:
     resume: bool = flag(False, "continue the run in --out where it stopped")
     overwrite: bool = flag(False, "start again in an --out that already holds a run")
     compile: bool = flag(False, "torch.compile the training models (the first steps wait for the compiler)")
-    gpu_paths: str = flag("auto", "bf16 autocast, a channels-last UNet and batches drawn ahead: auto (on CUDA), "
-                                  "on (on a CPU too: slow, to test them) or off")
+    gpu_paths: str = flag("auto", "bf16 autocast and channels-last convolutions (and on CUDA batches drawn ahead): "
+                                  "auto (where bf16 is in hardware: CUDA, a CPU with AMX or AVX512-BF16), on or off")
     # -- both stages ---------------------------------------------------------------------
     steps: int = flag(0, "optimiser steps per stage; 0: the preset's, or as many as fit in --max-minutes")
     max_minutes: float = flag(0.0, "wall-clock bound per stage (the schedules are planned to fit); 0: none")

@@ -60,7 +60,7 @@ def parse_args(argv):
     p.add_argument("--reconstruct", default=None, help="data to reconstruct, in any format --data takes, or 'synthetic'")
     p.add_argument("--out", default=None, help="output PNG; default: sample.png or reconstruct.png beside the checkpoint")
     p.add_argument("--device", default="", help="cpu or cuda; default: cuda when available")
-    p.add_argument("--gpu-paths", choices=("auto", "on", "off"), default="auto", help="bf16 autocast: auto (on CUDA), on, off")
+    p.add_argument("--gpu-paths", choices=("auto", "on", "off"), default="auto", help="bf16 autocast: auto (where bf16 is in hardware), on, off")
     a = p.parse_args(argv)
     for name in ("n", "batch", "frames"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
@@ -95,8 +95,8 @@ def load_run(path, device, gpu_paths="auto"):
         ldm = T.build_ldm(cfg, mod, ck["num_classes"])
         ldm.load_state_dict(ck["stage2"]["ema"])
         ldm = ldm.to(device).eval()
-        if engine.fast_paths(gpu_paths, device):  # the UNet's convolutions in NHWC layout, as in training
-            ldm = ldm.to(memory_format=torch.channels_last)
+    if engine.fast_paths(gpu_paths, device):  # NHWC convolution weights, as in training
+        engine.channels_last(vae, ldm if device.type == "cuda" else None)
     return ck, cfg, mod, vae.to(device).eval(), ldm
 
 

@@ -15,7 +15,7 @@ import torch
 
 import config
 import engine
-from conftest import TINY, train_once
+from conftest import TINY, settings, train_once
 
 inr = importlib.import_module("01_inr")
 M = importlib.import_module("05_modalities")
@@ -278,14 +278,15 @@ def test_a_time_bound_is_used_whatever_the_speed_does(monkeypatch, speeds):
 
 
 def test_the_gpu_paths_run_on_a_cpu(tmp_path, monkeypatch):
-    # bf16 autocast through both stages' steps and sampling, the channels-last UNet and batches drawn
-    # ahead by a thread: what a CUDA run does, switched on here so that a dtype or layout slip shows
-    seen = {"elbo": set(), "unet": set(), "layout": set(), "thread": set()}
+    # bf16 autocast through both stages' steps and sampling, channels-last weights and batches drawn
+    # ahead by a thread: what a CUDA run does, forced on here so that a dtype or layout slip shows
+    seen = {"elbo": set(), "vae layout": set(), "unet": set(), "layout": set(), "thread": set()}
     real_elbo, real_unet, real_prefetcher = train.V.elbo_loss, train.LDM.UNet.forward, engine.Prefetcher.__init__
 
-    def elbo(*args, **kwargs):
+    def elbo(vae, *args, **kwargs):
         seen["elbo"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-        return real_elbo(*args, **kwargs)
+        seen["vae layout"].add(vae.encoder.net[0].weight.is_contiguous(memory_format=torch.channels_last))
+        return real_elbo(vae, *args, **kwargs)
 
     def unet(self, z_t, t, y=None):
         out = real_unet(self, z_t, t, y)
@@ -303,16 +304,43 @@ def test_the_gpu_paths_run_on_a_cpu(tmp_path, monkeypatch):
     train.main(TINY + ["--gpu-paths", "on", "--out", out])
     rows = sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--gpu-paths", "on", "--n", "2", "--sample-steps", "2",
                         "--out", str(tmp_path / "s.png")])
-    assert seen == {"elbo": {torch.bfloat16}, "unet": {torch.bfloat16}, "layout": {True}, "thread": {True}}, seen
+    # (channels-last weights: the VAE's everywhere, the UNet's on CUDA only; on a CPU it ran slower so)
+    assert seen == {"elbo": {torch.bfloat16}, "vae layout": {True}, "unet": {torch.bfloat16}, "layout": {False},
+                    "thread": {True}}, seen
     assert rows[0].dtype == torch.float32 and torch.isfinite(rows[0]).all()
     assert engine.load_checkpoint(os.path.join(out, "ckpt.pt"))["stage2"]["step"] == 4
 
 
-def test_a_channels_last_unet_computes_what_a_contiguous_one_does():
+def test_channels_last_models_compute_what_contiguous_ones_do():
+    # the fast paths hold every convolution weight in NHWC / NDHWC layout (engine.channels_last): the same
+    # sums, forward and backward, for the UNet's 2D convolutions and a video encoder's 3D ones
     torch.manual_seed(0)
     unet = train.LDM.UNet(6, ch=16, ch_mult=(1, 2), num_classes=3)
-    for p in unet.parameters():  # (its output conv starts at zero: give every weight a value)
-        p.data.normal_(0, 0.05)
-    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    video = M.modality(settings("video", frames=4, resolution=8, enc_ch=8)).build_vae()
     z, t, y = torch.randn(4, 6, 8, 8), torch.randint(1000, (4,)), torch.tensor([0, 1, 2, 3])
-    torch.testing.assert_close(nhwc(z.to(memory_format=torch.channels_last), t, y), unet(z, t, y), atol=1e-5, rtol=1e-4)
+    clips = torch.randn(2, 3, 4, 8, 8)
+    for model, run in ((unet, lambda m: m(z, t, y)), (video, lambda m: m.encoder(clips))):
+        for p in model.parameters():  # (the UNet's output conv starts at zero: give every weight a value)
+            p.data.normal_(0, 0.05)
+        fast = copy.deepcopy(model)
+        engine.channels_last(fast, None)
+        convs = [p for p in fast.parameters() if p.dim() in (4, 5)]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last if p.dim() == 4 else
+                                                 torch.channels_last_3d) for p in convs)
+        out, ref = run(fast), run(model)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        for a, b in zip(fast.parameters(), model.parameters()):
+            if b.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_takes_the_fast_paths_where_bf16_is_done_in_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert engine.fast_paths("auto", cpu) is expected
+        assert engine.fast_paths("on", cpu) and not engine.fast_paths("off", cpu)
+    assert engine.fast_paths("auto", torch.device("cuda")) and not engine.fast_paths("off", torch.device("cuda"))
