@@ -3,13 +3,15 @@
     python bench/fast_paths.py                     # every modality's tiny preset, both stages
     python bench/fast_paths.py --modality video -- --resolution 64 --augment   # flags after -- go to train.py
 
-`--gpu-paths auto` (train.py's default) trains under bf16 autocast with every convolution weight in
-channels-last layout wherever bf16 is done in hardware: a CUDA GPU, or a CPU with AMX or
-AVX512-BF16. Elsewhere a CPU runs float32, as `--gpu-paths off` does everywhere. For each modality
-this runs train.py twice on its built-in data, `off` then `auto`, for --steps steps of each stage
-(same seed, same batches), and prints the rate train.py itself reports at the end of each stage
-(steps per second over the stage, its first step included) and their ratio. On a CPU without bf16
-hardware `auto` is `off`, so the second run is `on` instead: what forcing the paths there costs.
+`--gpu-paths auto` (train.py's default) trains under bf16 autocast (the INR decoder stays float32)
+with the VAE's convolution weights in channels-last layout wherever bf16 is done in hardware: a
+CUDA GPU, or a CPU with AMX or AVX512-BF16. Elsewhere a CPU runs float32, as `--gpu-paths off`
+does everywhere. For each modality this runs train.py twice on its built-in data, `off` then
+`auto`, for --steps steps of each stage (same seed, same batches), and prints the rate train.py
+itself reports at the end of each stage (steps per second over the stage, its first step
+included), their ratio, and stage 1's validation score of each run (a coarse check that bf16 did
+not cost the fit). On a CPU without bf16 hardware `auto` is `off`, so the second run is `on`
+instead: what forcing the paths there costs.
 """
 import argparse
 import os
@@ -34,7 +36,8 @@ def rates(modality, paths, steps, more, work):
     if r.returncode:
         raise SystemExit(f"train.py failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
     found = dict(re.findall(r"^\[(vae|ldm)\] step +\d+/\d+ .* ([\d.]+) it/s", r.stdout, re.M))
-    return {stage: float(rate) for stage, rate in found.items()}
+    scores = re.search(r"^\[vae\] done after \d+ steps: (.*) \(\d+ held-out items\)", r.stdout, re.M)
+    return {stage: float(rate) for stage, rate in found.items()}, scores.group(1).replace("validation ", "") if scores else "?"
 
 
 def main(argv=None):
@@ -48,15 +51,17 @@ def main(argv=None):
           f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}); {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}; {a.steps} steps per stage; train.py flags: {' '.join(more) or 'none'}\n")
     fast = "auto" if engine.bf16_in_hardware(cpu) else "on"
-    print(f"| modality | stage | float32 (`--gpu-paths off`) | fast paths (`{fast}`) | speed-up |")
-    print("|---|---|---|---|---|")
+    print(f"| modality | stage | float32 (`--gpu-paths off`) | fast paths (`{fast}`) | speed-up | stage-1 "
+          f"validation, float32 / fast |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for modality in a.modality.split(","):
-            off, on = (rates(modality, paths, a.steps, more, work) for paths in ("off", fast))
+            (off, val_off), (on, val_on) = (rates(modality, paths, a.steps, more, work) for paths in ("off", fast))
             for stage in ("vae", "ldm"):
                 if stage in off and stage in on:
+                    val = f"{val_off} / {val_on}" if stage == "vae" else ""
                     print(f"| {modality} | {stage} | {off[stage]:.2f} steps/s | {on[stage]:.2f} steps/s | "
-                          f"{on[stage] / off[stage]:.2f}x |", flush=True)
+                          f"{on[stage] / off[stage]:.2f}x | {val} |", flush=True)
 
 
 if __name__ == "__main__":
