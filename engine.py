@@ -385,9 +385,10 @@ def channels_last(*modules):
     """Every convolution weight of the modules (None: skipped) in channels-last layout (NHWC, NDHWC), the one
     the fast kernels of tensor cores and of oneDNN read; a convolution then writes its output in the same
     layout. Same sums."""
-    for p in (p for module in modules if module is not None for p in module.parameters()):
-        if p.dim() in (4, 5):
-            p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
+    for module in modules:
+        for p in module.parameters() if module is not None else ():
+            if p.dim() in (4, 5):
+                p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
 
 
 def for_training(module, cfg):
