@@ -381,14 +381,20 @@ def autocast(switch, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_paths(switch, device))
 
 
-def channels_last(*modules):
-    """Every convolution weight of the modules (None: skipped) in channels-last layout (NHWC, NDHWC), the one
-    the fast kernels of tensor cores and of oneDNN read; a convolution then writes its output in the same
-    layout. Same sums."""
-    for module in modules:
-        for p in module.parameters() if module is not None else ():
-            if p.dim() in (4, 5):
-                p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
+def channels_last(module):
+    """Every convolution weight of `module` in channels-last layout (NHWC, NDHWC), the one the fast kernels
+    of tensor cores and of oneDNN read; a convolution then writes its output in the same layout. Same sums."""
+    for p in module.parameters():
+        if p.dim() in (4, 5):
+            p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
+
+
+def fast_layout(vae, ldm, device):
+    """The fast paths' layout: the VAE's convolution weights channels-last, and the UNet's (ldm: None for
+    none) on CUDA only: on a CPU its bf16 step ran 1.3x slower so (88 against 66 ms, the image UNet)."""
+    channels_last(vae)
+    if ldm is not None and device.type == "cuda":
+        channels_last(ldm)
 
 
 def for_training(module, cfg):

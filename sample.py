@@ -95,8 +95,8 @@ def load_run(path, device, gpu_paths="auto"):
         ldm = T.build_ldm(cfg, mod, ck["num_classes"])
         ldm.load_state_dict(ck["stage2"]["ema"])
         ldm = ldm.to(device).eval()
-    if engine.fast_paths(gpu_paths, device):  # NHWC convolution weights, as in training
-        engine.channels_last(vae, ldm if device.type == "cuda" else None)
+    if engine.fast_paths(gpu_paths, device):  # the weights' layout of training
+        engine.fast_layout(vae, ldm, device)
     return ck, cfg, mod, vae.to(device).eval(), ldm
 
 

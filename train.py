@@ -240,8 +240,8 @@ def run(cfg, given, state, source):
         vae.encoder.requires_grad_(False)
     vae_opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=cfg["vae_lr"])
     ldm = build_ldm(cfg, mod, num_classes).to(device)
-    if engine.fast_paths(cfg["gpu_paths"], device):  # NHWC convolution weights: the UNet's on CUDA only
-        engine.channels_last(vae, ldm if device.type == "cuda" else None)  # (a CPU's bf16 UNet ran 1.3x slower so)
+    if engine.fast_paths(cfg["gpu_paths"], device):
+        engine.fast_layout(vae, ldm, device)
     ema = LDM.EMA(ldm, cfg["ema_decay"], warmup=True)
     ldm_opt = torch.optim.Adam(ldm.parameters(), lr=cfg["ldm_lr"])
     if state is None:

@@ -323,7 +323,7 @@ def test_channels_last_models_compute_what_contiguous_ones_do():
         for p in model.parameters():  # (the UNet's output conv starts at zero: give every weight a value)
             p.data.normal_(0, 0.05)
         fast = copy.deepcopy(model)
-        engine.channels_last(fast, None)
+        engine.channels_last(fast)
         convs = [p for p in fast.parameters() if p.dim() in (4, 5)]
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last if p.dim() == 4 else
                                                  torch.channels_last_3d) for p in convs)
