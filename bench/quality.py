@@ -12,7 +12,8 @@ and its held-out accuracy says how far to trust it. It then measures a run's sam
   class share   class-conditional samples that the probe assigns to the class they were asked for;
   FD            the Frechet distance (bench/fid.py's formula) between probe features of the samples
                 and of real items, beside the same distance between two disjoint real sets of the
-                same size: the floor a perfect generator would score at this sample count;
+                same size: the floor a perfect generator would score at this sample count; also per
+                class (each class's items against the real ones of that class: which class is off);
   stage 1       the same two measures on the VAE's reconstructions of real items: what the decoder
                 alone allows (samples cannot beat it).
 Videos are judged per frame (the probe is trained on single frames), plus motion: the mean absolute
@@ -213,12 +214,16 @@ def reconstructions(mod, vae, x, batch=32):
     return torch.cat(out)
 
 
-def row(name, labels, pred, feats, ref_feats, classes):
-    share = "-"
-    if labels is not None:  # the share over all, then per class
+def row(name, labels, pred, feats, ref_labels, ref_feats, classes):
+    """A table row: the class share over all and per class, the FD, and the FD of each class's items
+    to the real items of that class (where the distance comes from; fewer items, so a higher floor)."""
+    share, each = "-", "-"
+    if labels is not None:
         per = [f"{c} {(pred[labels == k] == k).float().mean().item():.0%}" for k, c in enumerate(classes)]
         share = f"{(pred == labels).float().mean().item():.1%} ({', '.join(per)})"
-    return f"| {name} | {share} | {fid.frechet_distance(feats, ref_feats):.3f} |"
+        each = ", ".join(f"{c} {fid.frechet_distance(feats[(labels == k).numpy()], ref_feats[(ref_labels == k).numpy()]):.3f}"
+                         for k, c in enumerate(classes))
+    return f"| {name} | {share} | {fid.frechet_distance(feats, ref_feats):.3f} | {each} |"
 
 
 def main(argv=None):
@@ -262,18 +267,19 @@ def main(argv=None):
         acc_soft = (judge(probe, soften(xa))[0] == ya).float().mean().item()
         lines.append(f"Probe: held-out accuracy **{acc:.1%}** on 1000 fresh real {'frames' if video else 'images'}, "
                      f"{acc_soft:.1%} on the same softened ({probe_path}, {time.time() - t0:.0f} s).")
-        lines += ["", "| set | class share | FD to real set A (probe features) |", "|---|---|---|"]
+        lines += ["", "| set | class share | FD to real set A (probe features) | FD per class |", "|---|---|---|---|"]
         real_a, lab_a = real(a.n, 11)
         real_b, lab_b = real(a.n, 12)
         fake, lab_f = samples_of(a, ck, cfg, mod, vae, ldm, a.n)
         rec = reconstructions(mod, vae, real_b)
         per_item = (lambda y, x: y.repeat_interleave(x.shape[2])) if video else (lambda y, x: y)
         flat = frames_of if video else (lambda x: x)
-        pa, fa = judge(probe, flat(real_a))
+        fa = judge(probe, flat(real_a))[1]
         for name, x, y in (("real set B (the floor)", real_b, lab_b), ("stage 1: set B reconstructed", rec, lab_b),
                            ("samples", fake, lab_f)):
             pred, feats = judge(probe, flat(x))
-            lines.append(row(name, None if y is None else per_item(y, x), pred, feats, fa, mod.classes))
+            lines.append(row(name, None if y is None else per_item(y, x), pred, feats, per_item(lab_a, real_a), fa,
+                             mod.classes))
         if video:
             lines += ["", f"Motion (mean |frame t+1 - frame t|): real clips {motion(real_a):.4f}, stage 1 "
                           f"{motion(rec):.4f}, samples {motion(fake):.4f} (ratio {motion(fake) / motion(real_a):.2f})."]

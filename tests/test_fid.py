@@ -41,3 +41,23 @@ def test_tf_resize_reads_input_position_j_times_in_over_out():
     # out column j reads position j * 4 / 8 = j / 2 (no half-pixel shift), clamped at the border
     assert torch.allclose(y[0, 0, 0], torch.tensor([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.0]))
     assert torch.equal(fid.tf_resize(x, size=4), x)
+
+
+def test_the_quality_table_says_which_class_is_off():
+    # bench/quality.py's row: the FD per class compares each class's items with the real ones of
+    # that class, so a shift of one class shows in its own entry and not in the others'.
+    spec_q = importlib.util.spec_from_file_location("quality", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                            "quality.py"))
+    quality = importlib.util.module_from_spec(spec_q)
+    spec_q.loader.exec_module(quality)
+    rng = np.random.default_rng(2)
+    labels = torch.arange(3000) % 3
+    real = rng.standard_normal((3000, 4))
+    fake = rng.standard_normal((3000, 4))
+    fake[(labels == 2).numpy()] += 3.0  # the third class drawn off to one side
+    line = quality.row("samples", labels, labels, fake, labels, real, ("discs", "squares", "rings"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    each = dict(item.split() for item in cells[3].split(", "))
+    assert cells[1].startswith("100.0%")  # every prediction its label
+    assert float(each["discs"]) < 0.05 and float(each["squares"]) < 0.05
+    assert abs(float(each["rings"]) - 4 * 9.0) < 1.0  # ||mu1 - mu2||^2 over 4 dimensions shifted by 3
