@@ -16,7 +16,7 @@ steps: a VAE that memorises shows as a held-out score that falls while the train
          per frame and averaged over all frames (every row, the model's too).
          Baselines, computed from the 5 held-out clips alone: every frame shrunk to 8x8 and
          upsampled bicubically; the clip's mean frame at full size; an 8x8 thumbnail of the mean
-         frame, upsampled.
+         frame, upsampled; every frame shrunk to 16x16 and upsampled.
   shape  meshes21_occ64_pts8k.npz with the run's own split (seed 0: nefertiti and wingnut held
          out); IoU on the 64^3 grid and Chamfer distance (2048 points, squared, [-1, 1]^3 units),
          of the held-out meshes at every copy and of all 21 at the last.
@@ -71,13 +71,15 @@ def video_baselines(truth):
     """{resolution: truth clips (n, 3, T, R, R) in [-1, 1]} -> {baseline name: {R: PSNR}}."""
     out = {"every frame shrunk to 8x8, upsampled bicubically (16 x 192 numbers)": {},
            "the clip's mean frame at full size (one frame)": {},
-           "an 8x8 thumbnail of the mean frame, upsampled (192 numbers)": {}}
+           "an 8x8 thumbnail of the mean frame, upsampled (192 numbers)": {},
+           "every frame shrunk to 16x16, upsampled (16 x 768 numbers: twice the 64x64 run's latent)": {}}
     names = list(out)
     for R, x in truth.items():
         mean = x.mean(2, keepdim=True)  # (n, 3, 1, R, R)
         out[names[0]][R] = frame_psnr(bicubic_up(shrink(x, 8), R), x)
         out[names[1]][R] = frame_psnr(mean.expand_as(x), x)
         out[names[2]][R] = frame_psnr(bicubic_up(shrink(mean, 8), R).expand_as(x), x)
+        out[names[3]][R] = frame_psnr(bicubic_up(shrink(x, 16), R), x)
     return out
 
 
@@ -158,17 +160,27 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/ddmi_generalise", help="folder for the split data and the runs")
     p.add_argument("--every", type=int, default=250, help="stage-1 steps between checkpoints (the curve's points)")
     p.add_argument("--baselines-only", action="store_true", help="video: print the baselines and stop")
+    p.add_argument("--mix-synthetic", type=int, default=0, metavar="N",
+                   help="video: N built-in synthetic clips (file 06) join the 32 training clips")
     p.add_argument("--out", default=None, help="append the variant's table to this markdown file")
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     os.makedirs(a.work, exist_ok=True)
+    mix = f" --mix-synthetic {a.mix_synthetic}" if a.mix_synthetic else ""
     lines = [f"### {a.modality}: {a.name} (`python bench/generalise.py {a.modality} --minutes {a.minutes:g} --name "
-             f"{a.name}{' -- ' + ' '.join(extra) if extra else ''}`)", ""]
+             f"{a.name}{mix}{' -- ' + ' '.join(extra) if extra else ''}`)", ""]
 
     if a.modality == "video":
         clips = np.load(os.path.join(DATA, "bbb_clips_16x64x64.npz"))["clips"]
-        train_npz, test_npz = os.path.join(a.work, "bbb_train.npz"), os.path.join(a.work, "bbb_test.npz")
-        np.savez(train_npz, clips=clips[:32])
+        mixed = f"_mix{a.mix_synthetic}" if a.mix_synthetic else ""
+        train_npz, test_npz = os.path.join(a.work, f"bbb_train{mixed}.npz"), os.path.join(a.work, "bbb_test.npz")
+        train = clips[:32]
+        if a.mix_synthetic:  # moving primitives, as uint8 frames (n, T, H, W, 3) like the film's
+            V = importlib.import_module("06_video")
+            synth = V.synthetic_clips(V.synthetic_video_params(a.mix_synthetic, seed=0), 16, 64, 64)
+            synth = ((synth.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            train = np.concatenate([train, synth])
+        np.savez(train_npz, clips=train)
         np.savez(test_npz, clips=clips[32:])
         readers = importlib.import_module("readers")
         truth = {R: x.float() / 127.5 - 1 for R, x in readers.read_clips_at(test_npz, 16, {32, 64}, "--reconstruct").items()}
