@@ -164,6 +164,8 @@ def main(argv=None):
                    help="video: N built-in synthetic clips (file 06) join the 32 training clips")
     p.add_argument("--out", default=None, help="append the variant's table to this markdown file")
     a = p.parse_args(argv)
+    if a.mix_synthetic < 0 or (a.mix_synthetic and a.modality != "video"):
+        p.error(f"--mix-synthetic {a.mix_synthetic}: expected a number of clips >= 0, for video")
     torch.set_num_threads(os.cpu_count() or 1)
     os.makedirs(a.work, exist_ok=True)
     mix = f" --mix-synthetic {a.mix_synthetic}" if a.mix_synthetic else ""
