@@ -5,7 +5,7 @@
     python bench/generalise.py video --name aug -- --augment  # a variant: flags after -- go to train.py
     python bench/generalise.py video --baselines-only    # the baselines alone (seconds)
 
-Each call trains one stage-1 run (train.py --stage vae, --minutes of it, seed 0) on the shared
+Each call trains one stage-1 run (train.py --stage vae, --minutes of it, --seed) on the shared
 sample data (../shared/data, see its README) in --work/<modality>-<name>, keeps a copy of every
 checkpoint it writes, and scores each copy afterwards, so the table is a curve over training
 steps: a VAE that memorises shows as a held-out score that falls while the training score rises.
@@ -158,6 +158,7 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=15, help="wall-clock minutes of stage 1 (train.py --max-minutes)")
     p.add_argument("--name", default="default", help="the variant's name (its run folder and table)")
     p.add_argument("--work", default="/tmp/ddmi_generalise", help="folder for the split data and the runs")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (its model, data order and split)")
     p.add_argument("--every", type=int, default=250, help="stage-1 steps between checkpoints (the curve's points)")
     p.add_argument("--baselines-only", action="store_true", help="video: print the baselines and stop")
     p.add_argument("--mix-synthetic", type=int, default=0, metavar="N",
@@ -168,9 +169,9 @@ def main(argv=None):
         p.error(f"--mix-synthetic {a.mix_synthetic}: expected a number of clips >= 0, for video")
     torch.set_num_threads(os.cpu_count() or 1)
     os.makedirs(a.work, exist_ok=True)
-    mix = f" --mix-synthetic {a.mix_synthetic}" if a.mix_synthetic else ""
+    opts = (f" --mix-synthetic {a.mix_synthetic}" if a.mix_synthetic else "") + (f" --seed {a.seed}" if a.seed else "")
     lines = [f"### {a.modality}: {a.name} (`python bench/generalise.py {a.modality} --minutes {a.minutes:g} --name "
-             f"{a.name}{mix}{' -- ' + ' '.join(extra) if extra else ''}`)", ""]
+             f"{a.name}{opts}{' -- ' + ' '.join(extra) if extra else ''}`)", ""]
 
     if a.modality == "video":
         clips = np.load(os.path.join(DATA, "bbb_clips_16x64x64.npz"))["clips"]
@@ -192,7 +193,7 @@ def main(argv=None):
             print("\n".join(lines))
             return
         flags = ["--modality", "video", "--data", train_npz, "--stage", "vae", "--max-minutes", str(a.minutes),
-                 "--ckpt-every", str(a.every), "--seed", "0", *extra]
+                 "--ckpt-every", str(a.every), "--seed", str(a.seed), *extra]
         copies, seconds = train_with_copies(flags, os.path.join(a.work, f"video-{a.name}"))
         lines += ["", "| stage-1 step | validation (3 neighbouring clips) | held out, 32x32 | held out, 64x64 |",
                   "|---|---|---|---|"]
@@ -206,7 +207,7 @@ def main(argv=None):
     else:
         meshes = os.path.join(DATA, "meshes21_occ64_pts8k.npz")
         flags = ["--modality", "shape", "--data", meshes, "--stage", "vae", "--max-minutes", str(a.minutes),
-                 "--ckpt-every", str(a.every), "--seed", "0", *extra]
+                 "--ckpt-every", str(a.every), "--seed", str(a.seed), *extra]
         copies, seconds = train_with_copies(flags, os.path.join(a.work, f"shape-{a.name}"))
         lines += ["| stage-1 step | held-out IoU (each) | held-out Chamfer |", "|---|---|---|"]
         for ck, mod, vae in checkpoints(copies):
@@ -220,7 +221,7 @@ def main(argv=None):
         with torch.no_grad():
             s, _, _ = mod.evaluate(vae, items, "cpu")
         lines.append(f"\nAll 21 meshes at the last step (19 of them trained on): mean IoU {s['iou']:.3f}.")
-    lines.append(f"\nStage 1: {seconds / 60:.1f} minutes of training (2-core CPU unless said), seed 0.\n")
+    lines.append(f"\nStage 1: {seconds / 60:.1f} minutes of training (2-core CPU unless said), seed {a.seed}.\n")
     text = "\n".join(lines)
     print(text)
     if a.out:
