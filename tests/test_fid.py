@@ -1,4 +1,5 @@
-"""bench/fid.py: the Frechet distance and the TF-style resize, against closed forms."""
+"""bench/fid.py: the Frechet distance and the TF-style resize, against closed forms; bench/quality.py's
+table row that applies the distance per class."""
 import importlib.util
 import os
 
@@ -52,8 +53,9 @@ def test_the_quality_table_says_which_class_is_off():
     spec_q.loader.exec_module(quality)
     rng = np.random.default_rng(2)
     labels = torch.arange(3000) % 3
-    real = rng.standard_normal((3000, 4))
-    fake = rng.standard_normal((3000, 4))
+    centres = 2.0 * labels.numpy()[:, None]  # each class of features at its own place, real and fake
+    real = rng.standard_normal((3000, 4)) + centres
+    fake = rng.standard_normal((3000, 4)) + centres
     fake[(labels == 2).numpy()] += 3.0  # the third class drawn off to one side
     line = quality.row("samples", labels, labels, fake, labels, real, ("discs", "squares", "rings"))
     cells = [c.strip() for c in line.strip("|").split("|")]
