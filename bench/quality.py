@@ -11,9 +11,10 @@ and its held-out accuracy says how far to trust it. It then measures a run's sam
 
   class share   class-conditional samples that the probe assigns to the class they were asked for;
   FD            the Frechet distance (bench/fid.py's formula) between probe features of the samples
-                and of real items, beside the same distance between two disjoint real sets of the
-                same size: the floor a perfect generator would score at this sample count; also per
-                class (each class's items against the real ones of that class: which class is off);
+                and of real items with the samples' classes, beside the same distance between two
+                disjoint real sets of that make-up: the floor a perfect generator would score at this
+                sample count; also per class (each class's items against the real ones of that class;
+                100 items in 128 features, so a sample or two read as another class move it most);
   stage 1       the same two measures on the VAE's reconstructions of real items: what the decoder
                 alone allows (samples cannot beat it).
 Videos are judged per frame (the probe is trained on single frames), plus motion: the mean absolute
@@ -204,6 +205,27 @@ def samples_of(a, ck, cfg, mod, vae, ldm, n):
     return next(iter(x.values())), (torch.arange(n) % K if K else None)
 
 
+def with_classes(real, labels, seed):
+    """Real items whose classes are `labels` (n,), picked in order from a pool real(m, seed) -> (items, classes).
+
+    The probe's features sit in one cluster per class, so two real sets whose class counts differ
+    (random draws of 300 images: 90/118/92 against 103/76/121) are far apart by their mixture alone:
+    FD 2.36, where sets of equal counts score 0.01-0.02. The floor, and the samples (classes in turn),
+    must be measured against real sets of the samples' counts, or the FD measures the luck of the draw.
+    """
+    slots = [torch.nonzero(labels == k)[:, 0] for k in range(int(labels.max()) + 1)]  # where each class goes
+    m = 2 * len(labels)
+    while True:
+        x, y = real(m, seed)
+        found = [torch.nonzero(y == k)[:, 0] for k in range(len(slots))]
+        if all(len(f) >= len(s) for f, s in zip(found, slots)):
+            idx = torch.empty(len(labels), dtype=torch.long)
+            for s, f in zip(slots, found):
+                idx[s] = f[:len(s)]
+            return x[idx], labels.clone()
+        m *= 2  # a class too rare in this pool: a larger one
+
+
 @torch.no_grad()
 def reconstructions(mod, vae, x, batch=32):
     """Stage 1 alone: real items through the VAE (posterior mean), rendered at the training size."""
@@ -268,9 +290,9 @@ def main(argv=None):
         lines.append(f"Probe: held-out accuracy **{acc:.1%}** on 1000 fresh real {'frames' if video else 'images'}, "
                      f"{acc_soft:.1%} on the same softened ({probe_path}, {time.time() - t0:.0f} s).")
         lines += ["", "| set | class share | FD to real set A (probe features) | FD per class |", "|---|---|---|---|"]
-        real_a, lab_a = real(a.n, 11)
-        real_b, lab_b = real(a.n, 12)
         fake, lab_f = samples_of(a, ck, cfg, mod, vae, ldm, a.n)
+        real_a, lab_a = with_classes(real, lab_f, 11)  # real sets with the samples' classes, item for item
+        real_b, lab_b = with_classes(real, lab_f, 12)
         rec = reconstructions(mod, vae, real_b)
         per_item = (lambda y, x: y.repeat_interleave(x.shape[2])) if video else (lambda y, x: y)
         flat = frames_of if video else (lambda x: x)

@@ -63,3 +63,28 @@ def test_the_quality_table_says_which_class_is_off():
     assert cells[1].startswith("100.0%")  # every prediction its label
     assert float(each["discs"]) < 0.05 and float(each["squares"]) < 0.05
     assert abs(float(each["rings"]) - 4 * 9.0) < 1.0  # ||mu1 - mu2||^2 over 4 dimensions shifted by 3
+
+
+def test_real_sets_are_drawn_with_the_samples_classes():
+    # bench/quality.py's with_classes: real items of exactly the samples' classes, item for item, so
+    # the FD does not charge the samples for a real set's random class counts; a rare class makes
+    # it draw a larger pool instead of coming back short.
+    spec_q = importlib.util.spec_from_file_location("quality", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                            "quality.py"))
+    quality = importlib.util.module_from_spec(spec_q)
+    spec_q.loader.exec_module(quality)
+    pools = []
+
+    def real(n, seed):  # items whose value is their class; class 2 one time in ten
+        g = torch.Generator().manual_seed(seed)
+        y = torch.multinomial(torch.tensor([0.45, 0.45, 0.10]), n, replacement=True, generator=g)
+        pools.append(n)
+        return y.float()[:, None] + 0.01 * torch.rand(n, 1, generator=g), y
+
+    labels = torch.arange(300) % 3
+    x, y = quality.with_classes(real, labels, seed=11)
+    assert torch.equal(y, labels) and torch.equal(x[:, 0].round().long(), labels)
+    assert len(x.unique()) == 300  # distinct items, none picked twice
+    assert pools[0] == 600 and pools[-1] > 600  # 60 of class 2 expected in the first pool of 600: not enough
+    x2, _ = quality.with_classes(real, labels, seed=12)
+    assert not torch.equal(x, x2)  # another seed, other items
