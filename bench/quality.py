@@ -223,6 +223,8 @@ def with_classes(real, labels, seed):
             for s, f in zip(slots, found):
                 idx[s] = f[:len(s)]
             return x[idx], labels.clone()
+        if m >= 64 * len(labels):
+            raise SystemExit(f"real data: fewer than {len(labels)} items of some class in {m} drawn")
         m *= 2  # a class too rare in this pool: a larger one
 
 

@@ -1,9 +1,10 @@
 """bench/fid.py: the Frechet distance and the TF-style resize, against closed forms; bench/quality.py's
-table row that applies the distance per class."""
+table row that applies the distance per class, and its real sets drawn with the samples' classes."""
 import importlib.util
 import os
 
 import numpy as np
+import pytest
 import torch
 
 spec = importlib.util.spec_from_file_location("fid", os.path.join(os.path.dirname(__file__), "..", "bench", "fid.py"))
@@ -88,3 +89,5 @@ def test_real_sets_are_drawn_with_the_samples_classes():
     assert pools[0] == 600 and pools[-1] > 600  # 60 of class 2 expected in the first pool of 600: not enough
     x2, _ = quality.with_classes(real, labels, seed=12)
     assert not torch.equal(x, x2)  # another seed, other items
+    with pytest.raises(SystemExit, match="fewer than 300 items of some class"):  # a class never drawn: no endless loop
+        quality.with_classes(lambda n, seed: (torch.zeros(n, 1), torch.zeros(n, dtype=torch.long)), labels, seed=0)
