@@ -10,6 +10,10 @@ import torch
 spec = importlib.util.spec_from_file_location("fid", os.path.join(os.path.dirname(__file__), "..", "bench", "fid.py"))
 fid = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fid)
+spec_q = importlib.util.spec_from_file_location("quality", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                        "quality.py"))
+quality = importlib.util.module_from_spec(spec_q)
+spec_q.loader.exec_module(quality)
 
 
 def test_frechet_distance_of_two_gaussians():
@@ -48,10 +52,6 @@ def test_tf_resize_reads_input_position_j_times_in_over_out():
 def test_the_quality_table_says_which_class_is_off():
     # bench/quality.py's row: the FD per class compares each class's items with the real ones of
     # that class, so a shift of one class shows in its own entry and not in the others'.
-    spec_q = importlib.util.spec_from_file_location("quality", os.path.join(os.path.dirname(__file__), "..", "bench",
-                                                                            "quality.py"))
-    quality = importlib.util.module_from_spec(spec_q)
-    spec_q.loader.exec_module(quality)
     rng = np.random.default_rng(2)
     labels = torch.arange(3000) % 3
     centres = 2.0 * labels.numpy()[:, None]  # each class of features at its own place, real and fake
@@ -70,10 +70,6 @@ def test_real_sets_are_drawn_with_the_samples_classes():
     # bench/quality.py's with_classes: real items of exactly the samples' classes, item for item, so
     # the FD does not charge the samples for a real set's random class counts; a rare class makes
     # it draw a larger pool instead of coming back short.
-    spec_q = importlib.util.spec_from_file_location("quality", os.path.join(os.path.dirname(__file__), "..", "bench",
-                                                                            "quality.py"))
-    quality = importlib.util.module_from_spec(spec_q)
-    spec_q.loader.exec_module(quality)
     pools = []
 
     def real(n, seed):  # items whose value is their class; class 2 one time in ten
